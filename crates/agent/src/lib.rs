@@ -1,0 +1,3 @@
+//! Tandem laptop agent: identity, check-in, lease and kill gate, image sync, VM orchestration, local UI
+
+#![forbid(unsafe_code)]

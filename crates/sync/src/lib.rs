@@ -1,0 +1,3 @@
+//! Moves image versions between server and laptop: 4 KiB block deltas, batched chunk fetch, resume
+
+#![forbid(unsafe_code)]

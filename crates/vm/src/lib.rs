@@ -1,0 +1,3 @@
+//! One QEMU process per VM, driven over QMP
+
+#![forbid(unsafe_code)]
