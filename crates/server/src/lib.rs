@@ -1,3 +1,6 @@
-//! Tandem management server: fleet API, image serving, admin web UI
+//! Tandem management server: fleet API, image serving, admin web UI.
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod keys;
