@@ -14,6 +14,7 @@
 pub mod api;
 pub mod auth;
 pub mod ids;
+pub mod manifest;
 pub mod sign;
 
 pub use ids::{ChunkId, HexIdError};
