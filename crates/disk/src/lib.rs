@@ -1,3 +1,136 @@
-//! Random-access disk views (raw, qcow2 chains), partition tables and filesystem allocation maps
+//! Random-access disk views, partition tables and filesystem allocation maps.
+//!
+//! Everything that reads a guest disk without booting it starts here: the scanner walks
+//! files through these views, the image publisher asks which bytes are free, and a
+//! stored image version (in `tandem-store`) implements [`ReadAt`] so both work on it too.
+//!
+//! - [`ReadAt`]: the one trait, `size()` + `read_at(buf, offset)` filling `buf` or failing.
+//!   Implemented by [`RawFile`], [`Qcow2`] (with its backing chain), [`Slice`] (a
+//!   partition), [`MemDisk`]. [`open_image`] picks raw or qcow2 from the file's magic.
+//! - [`volumes`]: GPT (CRC-checked, backup used if the primary is damaged), MBR with
+//!   logical partitions, or the whole disk as one volume; [`detect_fs`] names what a volume
+//!   holds (ext, FAT, NTFS, LUKS, BitLocker, swap, LVM).
+//! - [`unused_ranges`]: "free space never travels" — the byte ranges that ext2/3/4 block
+//!   bitmaps and NTFS `$Bitmap` mark unused, inside any partition, plus a per-volume report.
+//!   It never claims a byte outside a filesystem it fully understood.
+//!
+//! Hostile input: every size and offset read from a disk is bounded before use (qcow2
+//! tables ≤ 32 MiB, chains ≤ 16 deep, GPT ≤ 1024 entries, ≤ 128 logical partitions,
+//! bitmaps ≤ 256 MiB). Reads past the end of a view are errors, never zeros.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! let disk: Arc<dyn tandem_disk::ReadAt> = Arc::from(tandem_disk::open_image("vm.qcow2".as_ref())?);
+//! let map = tandem_disk::unused_ranges(disk.clone())?;
+//! let mut chunk = vec![0u8; 65536];
+//! disk.read_at(&mut chunk, 0)?;
+//! map.zero_unused(&mut chunk, 0); // free blocks become zeros, i.e. holes
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod partition;
+pub mod qcow2;
+pub mod unused;
+pub mod view;
+
+use std::path::{Path, PathBuf};
+
+pub use partition::{detect_fs, volumes, FsKind, TableKind, Volume};
+pub use qcow2::Qcow2;
+pub use unused::{unused_ranges, UnusedMap, VolumeUsage};
+pub use view::{MemDisk, RawFile, ReadAt, ReadAtCursor, Slice};
+
+/// Opening or interpreting a disk failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image file could not be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading the image file itself failed.
+    #[error("cannot read {path} at offset {offset}: {source}")]
+    Read {
+        /// The image.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading the disk view failed.
+    #[error("cannot read the disk at offset {offset}: {source}")]
+    ReadAt {
+        /// Where, in disk bytes.
+        offset: u64,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The qcow2 file is damaged or hostile.
+    #[error("{path} is not a usable qcow2 image: {detail}")]
+    Qcow2 {
+        /// The image.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The image is encrypted at the image level; we do not hold its key.
+    #[error("{path} is an encrypted qcow2 image; scan it where it is attached decrypted (e.g. `tandem scan vm`), or decrypt a copy with `qemu-img convert`")]
+    Encrypted {
+        /// The image.
+        path: PathBuf,
+    },
+    /// A valid image uses something this reader does not implement.
+    #[error("{path}: unsupported: {detail}")]
+    Unsupported {
+        /// The image.
+        path: PathBuf,
+        /// What.
+        detail: String,
+    },
+    /// A partition table is damaged.
+    #[error("damaged partition table: {detail}")]
+    Table {
+        /// What was wrong.
+        detail: String,
+    },
+    /// A window does not fit in the disk (a partition past the end of a truncated image).
+    #[error("range {start}+{len} lies outside the disk ({size} bytes); is the image truncated?")]
+    OutOfRange {
+        /// Start of the window.
+        start: u64,
+        /// Its length.
+        len: u64,
+        /// Size of the disk.
+        size: u64,
+    },
+}
+
+/// Opens a disk image file, raw or qcow2 (by its magic), with its backing chain.
+pub fn open_image(path: &Path) -> Result<Box<dyn ReadAt>, DiskError> {
+    open_image_at_depth(path, 0)
+}
+
+pub(crate) fn open_image_at_depth(path: &Path, depth: usize) -> Result<Box<dyn ReadAt>, DiskError> {
+    let raw = RawFile::open(path)?;
+    let mut magic = [0u8; 4];
+    if raw.size() >= 4 {
+        raw.read_at(&mut magic, 0)
+            .map_err(|source| DiskError::Read {
+                path: path.to_path_buf(),
+                offset: 0,
+                source,
+            })?;
+    }
+    if magic == qcow2::MAGIC {
+        Ok(Box::new(Qcow2::open(path, depth)?))
+    } else {
+        Ok(Box::new(raw))
+    }
+}
