@@ -1,0 +1,375 @@
+//! Named VMs under a state directory, each owned by a detached supervisor process.
+//!
+//! Layout of `<state>/<name>/`:
+//!
+//! | file | written by | meaning |
+//! |---|---|---|
+//! | `spec.json` | `vm start` | the [`VmSpec`], sockets and logs pointing into this dir |
+//! | `lock` | supervisor | exclusive `flock` held while the VM lives |
+//! | `state.json` | supervisor | [`VmState`], replaced atomically |
+//! | `qmp.sock`, `console.sock` | QEMU | monitor and serial console |
+//! | `serial.log`, `qemu.log` | QEMU | everything the guest printed; QEMU's stderr |
+//! | `stop-requested` | `vm stop` | marks the coming exit as asked for |
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::qmp::Qmp;
+use crate::spec::{Serial, VmSpec};
+use crate::vm::{Exit, Vm};
+use crate::VmError;
+
+/// Lifecycle of a named VM.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// The supervisor is starting QEMU.
+    Starting,
+    /// QEMU runs and its monitor answers.
+    Running,
+    /// Powered off or stopped on request.
+    Stopped,
+    /// Ended without anyone asking.
+    Crashed,
+    /// Could not start.
+    Failed,
+}
+
+/// What `tandem vm status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmState {
+    /// VM name.
+    pub name: String,
+    /// Lifecycle phase.
+    pub phase: Phase,
+    /// Supervisor process id.
+    pub supervisor_pid: Option<u32>,
+    /// QEMU process id while it runs.
+    pub qemu_pid: Option<u32>,
+    /// `kvm` or `tcg`.
+    pub accel: Option<String>,
+    /// Unix seconds.
+    pub started_at: Option<u64>,
+    /// Unix seconds.
+    pub ended_at: Option<u64>,
+    /// How it ended.
+    pub exit: Option<Exit>,
+    /// Why it could not start.
+    pub error: Option<String>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The directory of one named VM.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    dir: PathBuf,
+    name: String,
+}
+
+impl RunDir {
+    /// Opens (creating) `<state_dir>/<name>`.
+    pub fn new(state_dir: &Path, name: &str) -> Result<Self, VmError> {
+        let dir = state_dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|source| VmError::StateDirUnwritable {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let probe = dir.join(".write-test");
+        std::fs::write(&probe, b"").map_err(|source| VmError::StateDirUnwritable {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(probe);
+        Ok(RunDir {
+            dir,
+            name: name.to_string(),
+        })
+    }
+
+    /// Opens an existing run directory.
+    pub fn existing(state_dir: &Path, name: &str) -> Result<Self, VmError> {
+        let dir = state_dir.join(name);
+        if !dir.join("spec.json").is_file() {
+            return Err(VmError::UnknownVm(name.to_string()));
+        }
+        Ok(RunDir {
+            dir,
+            name: name.to_string(),
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The serial log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// The serial console socket.
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    fn stop_marker(&self) -> PathBuf {
+        self.dir.join("stop-requested")
+    }
+
+    /// Points `spec`'s sockets and logs into this directory.
+    pub fn place(&self, mut spec: VmSpec) -> VmSpec {
+        spec.name = self.name.clone();
+        spec.qmp_socket = self.qmp_socket();
+        spec.serial = Serial::Socket {
+            socket: self.console_socket(),
+            log: self.serial_log(),
+        };
+        spec
+    }
+
+    /// Writes the spec the supervisor will run.
+    pub fn write_spec(&self, spec: &VmSpec) -> Result<(), VmError> {
+        let path = self.dir.join("spec.json");
+        let json = serde_json::to_vec_pretty(spec).expect("spec serializes");
+        std::fs::write(&path, json).map_err(|e| VmError::io(&path, e))
+    }
+
+    /// Reads the spec.
+    pub fn read_spec(&self) -> Result<VmSpec, VmError> {
+        let path = self.dir.join("spec.json");
+        let bytes = std::fs::read(&path).map_err(|e| VmError::io(&path, e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| VmError::InvalidSpec(format!("{}: {e}", path.display())))
+    }
+
+    fn try_lock(&self) -> Result<Option<Flock<File>>, VmError> {
+        let path = self.dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| VmError::io(&path, e))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(VmError::io(&path, e.into())),
+        }
+    }
+
+    /// Whether a supervisor holds this VM (its pid, from the state file).
+    pub fn running_supervisor(&self) -> Result<Option<u32>, VmError> {
+        match self.try_lock()? {
+            Some(_released_on_drop) => Ok(None),
+            None => Ok(Some(
+                self.raw_state().and_then(|s| s.supervisor_pid).unwrap_or(0),
+            )),
+        }
+    }
+
+    fn raw_state(&self) -> Option<VmState> {
+        let bytes = std::fs::read(self.state_path()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// The VM's state, corrected for a supervisor that died without recording it.
+    pub fn state(&self) -> Result<VmState, VmError> {
+        let mut state = self.raw_state().unwrap_or(VmState {
+            name: self.name.clone(),
+            phase: Phase::Stopped,
+            supervisor_pid: None,
+            qemu_pid: None,
+            accel: None,
+            started_at: None,
+            ended_at: None,
+            exit: None,
+            error: None,
+        });
+        let live = matches!(state.phase, Phase::Starting | Phase::Running);
+        if live && self.running_supervisor()?.is_none() {
+            state.phase = Phase::Crashed;
+            state.qemu_pid = None;
+            state.exit = Some(Exit::Crashed {
+                status: "supervisor died".into(),
+                last_serial: crate::tail_lines(&self.serial_log(), 20),
+            });
+        }
+        Ok(state)
+    }
+
+    fn write_state(&self, state: &VmState) -> Result<(), VmError> {
+        let path = self.state_path();
+        let tmp = self.dir.join("state.json.tmp");
+        let json = serde_json::to_vec_pretty(state).expect("state serializes");
+        std::fs::write(&tmp, json).map_err(|e| VmError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| VmError::io(&path, e))
+    }
+
+    /// The supervisor's body: hold the lock, run QEMU, record how it ended.
+    pub fn supervise(&self) -> Result<Exit, VmError> {
+        let Some(_lock) = self.try_lock()? else {
+            return Err(VmError::AlreadyRunning {
+                name: self.name.clone(),
+                pid: self.raw_state().and_then(|s| s.supervisor_pid).unwrap_or(0),
+            });
+        };
+        let _ = std::fs::remove_file(self.stop_marker());
+        let spec = self.read_spec()?;
+        let mut state = VmState {
+            name: self.name.clone(),
+            phase: Phase::Starting,
+            supervisor_pid: Some(std::process::id()),
+            qemu_pid: None,
+            accel: None,
+            started_at: Some(now()),
+            ended_at: None,
+            exit: None,
+            error: None,
+        };
+        self.write_state(&state)?;
+        let mut vm = match Vm::start(&spec, &self.dir.join("qemu.log")) {
+            Ok(vm) => vm,
+            Err(e) => {
+                state.phase = Phase::Failed;
+                state.error = Some(e.to_string());
+                state.ended_at = Some(now());
+                self.write_state(&state)?;
+                return Err(e);
+            }
+        };
+        state.phase = Phase::Running;
+        state.qemu_pid = vm.pid();
+        state.accel = Some(vm.accel().as_str().to_string());
+        self.write_state(&state)?;
+        tracing::info!(vm = %self.name, pid = ?vm.pid(), "VM running");
+        let mut exit = vm.wait()?;
+        if self.stop_marker().exists() {
+            if let Exit::Crashed { .. } = exit {
+                exit = Exit::Stopped {
+                    how: "killed".into(),
+                };
+            }
+        }
+        state.phase = match exit {
+            Exit::Stopped { .. } => Phase::Stopped,
+            Exit::Crashed { .. } => Phase::Crashed,
+        };
+        state.qemu_pid = None;
+        state.ended_at = Some(now());
+        state.exit = Some(exit.clone());
+        self.write_state(&state)?;
+        let _ = std::fs::remove_file(self.qmp_socket());
+        let _ = std::fs::remove_file(self.console_socket());
+        Ok(exit)
+    }
+
+    /// Waits until a freshly launched supervisor reports running (or failed).
+    pub fn wait_started(&self, timeout: Duration) -> Result<VmState, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(state) = self.raw_state() {
+                match state.phase {
+                    Phase::Running | Phase::Stopped | Phase::Crashed | Phase::Failed
+                        if state.supervisor_pid.is_some() =>
+                    {
+                        return Ok(state)
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::StartTimeout(timeout.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Clears the previous run's state before a new supervisor starts.
+    pub fn reset_state(&self) -> Result<(), VmError> {
+        match std::fs::remove_file(self.state_path()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmError::io(self.state_path(), e)),
+        }
+    }
+
+    /// Stops the VM: power button, then `quit` after `timeout`, then SIGKILL to QEMU.
+    pub fn stop(&self, timeout: Duration) -> Result<VmState, VmError> {
+        let state = self.state()?;
+        if !matches!(state.phase, Phase::Running | Phase::Starting) {
+            return Err(VmError::NotRunning(self.name.clone()));
+        }
+        std::fs::write(self.stop_marker(), b"").map_err(|e| VmError::io(self.stop_marker(), e))?;
+        let ended = |me: &Self| me.running_supervisor().map(|p| p.is_none());
+        if let Ok(mut q) = Qmp::connect(&self.qmp_socket(), Duration::from_secs(10)) {
+            let _ = q.powerdown();
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if ended(self)? {
+                return self.state();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::warn!(vm = %self.name, "guest did not power off in time; quitting QEMU");
+        if let Ok(mut q) = Qmp::connect(&self.qmp_socket(), Duration::from_secs(5)) {
+            let _ = q.quit();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if ended(self)? {
+                return self.state();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(pid) = state.qemu_pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !ended(self)? {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.state()
+    }
+}
+
+/// Every VM known under `state_dir`, sorted by name.
+pub fn list(state_dir: &Path) -> Result<Vec<VmState>, VmError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(state_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(VmError::io(state_dir, e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(rd) = RunDir::existing(state_dir, &name) {
+            out.push(rd.state()?);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
