@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod fleet;
 pub mod ids;
 pub mod manifest;
 pub mod sign;

@@ -1,0 +1,240 @@
+//! The same story body against both back-ends.
+
+use tandem_db::{AuditFilter, Db, DbError, DeviceRow, NewAudit, TokenRefusal};
+use tandem_proto::fleet::{DeviceId, DeviceStatus, ImageRef};
+
+fn device(user: &str) -> DeviceRow {
+    DeviceRow {
+        id: DeviceId::generate(),
+        user: user.into(),
+        public_key: tandem_proto::SigningKey::generate().public(),
+        hostname: "laptop-1".into(),
+        status: DeviceStatus::Active,
+        enrolled_at: 0,
+        last_checkin: None,
+        last_report: None,
+        lease_not_after: None,
+        kill_actor: None,
+        kill_reason: None,
+        kill_ordered_at: None,
+        killed_at: None,
+        kill_ack: None,
+    }
+}
+
+async fn story(db: &dyn Db) {
+    // Admin credentials.
+    assert_eq!(db.admin_count().await.expect("count"), 0);
+    db.add_admin("admin", "h1", 10).await.expect("add admin");
+    assert_eq!(
+        db.admin_by_hash("h1").await.expect("find").as_deref(),
+        Some("admin")
+    );
+    assert_eq!(db.admin_by_hash("nope").await.expect("find"), None);
+
+    // Users and policies.
+    assert!(
+        db.policy("default").await.expect("policy").is_some(),
+        "migration seeds default"
+    );
+    db.create_user("alice", "default", 11)
+        .await
+        .expect("create");
+    assert!(matches!(
+        db.create_user("alice", "default", 12).await,
+        Err(DbError::Conflict { .. })
+    ));
+    db.put_policy("strict", r#"{"lease_days":1}"#, 13)
+        .await
+        .expect("put");
+    db.put_policy("strict", r#"{"lease_days":2}"#, 14)
+        .await
+        .expect("replace");
+    assert_eq!(
+        db.policy("strict").await.expect("read").as_deref(),
+        Some(r#"{"lease_days":2}"#)
+    );
+    assert_eq!(db.policies().await.expect("list").len(), 2);
+    let mut alice = db.user("alice").await.expect("read").expect("exists");
+    alice.policy = "strict".into();
+    alice.corporate = Some(ImageRef {
+        image: "corp".into(),
+        version: 7,
+    });
+    db.update_user(&alice).await.expect("update");
+    assert_eq!(
+        db.user("alice").await.expect("read").expect("exists"),
+        alice
+    );
+    assert!(db.user("bob").await.expect("read").is_none());
+
+    // Enrollment tokens: single use, expiry, unknown.
+    db.add_enroll_token("t1", "alice", 100, 200)
+        .await
+        .expect("token");
+    db.add_enroll_token("t2", "alice", 100, 150)
+        .await
+        .expect("token");
+    let d1 = device("ignored");
+    assert_eq!(db.enroll("t1", &d1, 120).await.expect("enroll"), "alice");
+    let again = db.enroll("t1", &device("x"), 121).await;
+    assert!(
+        matches!(again, Err(DbError::Token(TokenRefusal::Used))),
+        "{again:?}"
+    );
+    let late = db.enroll("t2", &device("x"), 150).await;
+    assert!(
+        matches!(late, Err(DbError::Token(TokenRefusal::Expired))),
+        "{late:?}"
+    );
+    let unknown = db.enroll("t3", &device("x"), 120).await;
+    assert!(
+        matches!(unknown, Err(DbError::Token(TokenRefusal::Unknown))),
+        "{unknown:?}"
+    );
+    // A refused enrollment leaves no device behind.
+    assert_eq!(db.devices().await.expect("list").len(), 1);
+
+    let got = db.device(d1.id).await.expect("read").expect("exists");
+    assert_eq!(got.user, "alice");
+    assert_eq!(got.public_key, d1.public_key);
+    assert_eq!(got.status, DeviceStatus::Active);
+
+    // Check-in keeps the last lease when none is issued.
+    db.record_checkin(d1.id, 130, "{}", Some(1000))
+        .await
+        .expect("checkin");
+    db.record_checkin(d1.id, 131, "{\"a\":1}", None)
+        .await
+        .expect("checkin");
+    let got = db.device(d1.id).await.expect("read").expect("exists");
+    assert_eq!(got.last_checkin, Some(131));
+    assert_eq!(got.lease_not_after, Some(1000));
+
+    // Kill: active -> pending -> killed, and not twice.
+    assert!(matches!(
+        db.complete_kill(d1.id, "{}", 140).await,
+        Err(DbError::NotFound { .. })
+    ));
+    db.order_kill(d1.id, "admin:admin", "stolen", 140)
+        .await
+        .expect("order");
+    assert!(matches!(
+        db.order_kill(d1.id, "admin:admin", "again", 141).await,
+        Err(DbError::Conflict { .. })
+    ));
+    assert!(matches!(
+        db.order_kill(DeviceId::generate(), "a", "b", 141).await,
+        Err(DbError::NotFound { .. })
+    ));
+    db.complete_kill(d1.id, "{\"ack\":1}", 150)
+        .await
+        .expect("complete");
+    let got = db.device(d1.id).await.expect("read").expect("exists");
+    assert_eq!(got.status, DeviceStatus::Killed);
+    assert_eq!(got.kill_reason.as_deref(), Some("stolen"));
+    assert_eq!(got.killed_at, Some(150));
+    assert_eq!(got.lease_not_after, None);
+
+    // Audit: filter by device and time, oldest first.
+    for (at, dev) in [(1, Some(d1.id)), (2, None), (3, Some(d1.id))] {
+        db.append_audit(NewAudit {
+            at,
+            actor: "server".into(),
+            action: format!("a{at}"),
+            device: dev,
+            reason: None,
+            detail: serde_json::json!({"n": at}),
+        })
+        .await
+        .expect("append");
+    }
+    let all = db.audit(AuditFilter::default()).await.expect("audit");
+    assert_eq!(all.iter().map(|e| e.at).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let mine = db
+        .audit(AuditFilter {
+            device: Some(d1.id),
+            since: Some(2),
+            limit: None,
+        })
+        .await
+        .expect("audit");
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].action, "a3");
+    assert_eq!(mine[0].detail, serde_json::json!({"n": 3}));
+    let last = db
+        .audit(AuditFilter {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    assert_eq!(last.iter().map(|e| e.at).collect::<Vec<_>>(), vec![2, 3]);
+}
+
+#[tokio::test]
+async fn story_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = tandem_db::DatabaseUrl::Sqlite(dir.path().join("t.db"));
+    let db = tandem_db::open(&url).await.expect("open");
+    story(db.as_ref()).await;
+    // Reopening runs no migration twice and keeps the data.
+    drop(db);
+    let db = tandem_db::open(&url).await.expect("reopen");
+    assert_eq!(db.admin_count().await.expect("count"), 1);
+}
+
+#[tokio::test]
+async fn story_on_postgres() {
+    let Some(server) = tandem_db::scratch::test_server() else {
+        return;
+    };
+    let url = tandem_db::scratch::create(&server)
+        .await
+        .expect("scratch database");
+    let db = tandem_db::open(&url).await.expect("open");
+    story(db.as_ref()).await;
+    drop(db);
+    let db = tandem_db::open(&url).await.expect("reopen");
+    assert_eq!(db.admin_count().await.expect("count"), 1);
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_a_clear_error() {
+    // Port 1 on loopback: nothing listens there.
+    let url = tandem_db::DatabaseUrl::parse("postgres://tandem:secret@127.0.0.1:1/x").expect("url");
+    let err = tandem_db::open(&url).await.expect_err("must fail");
+    let text = err.to_string();
+    assert!(text.contains("cannot open database"), "{text}");
+    assert!(!text.contains("secret"), "password leaked: {text}");
+}
+
+#[tokio::test]
+async fn audit_rows_cannot_be_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    let db = tandem_db::open(&tandem_db::DatabaseUrl::Sqlite(path.clone()))
+        .await
+        .expect("open");
+    db.append_audit(NewAudit {
+        at: 1,
+        actor: "server".into(),
+        action: "x".into(),
+        device: None,
+        reason: None,
+        detail: serde_json::json!({}),
+    })
+    .await
+    .expect("append");
+    drop(db);
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite:{}", path.display()))
+        .await
+        .expect("connect");
+    let upd = sqlx::query("UPDATE audit SET action = 'y'")
+        .execute(&mut conn)
+        .await;
+    assert!(upd.is_err(), "update must be refused");
+    let del = sqlx::query("DELETE FROM audit").execute(&mut conn).await;
+    assert!(del.is_err(), "delete must be refused");
+}
