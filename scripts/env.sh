@@ -8,3 +8,4 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
   fi
 fi
 export TANDEM_BIN="$CARGO_TARGET_DIR/release/tandem"
+export TANDEM_GUEST_DIR="${TANDEM_GUEST_DIR:-/var/cache/tandem/guest}"
