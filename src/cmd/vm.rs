@@ -52,7 +52,7 @@ pub struct SpecArgs {
     /// Kernel command line.
     #[arg(long, default_value = tandem_guest::DEFAULT_CMDLINE)]
     append: String,
-    /// A disk: PATH[,format=raw|qcow2][,ro][,secret=KEYFILE]; repeat for more. The format
+    /// A disk: PATH[,format=raw|qcow2][,ro][,volatile][,secret=KEYFILE]; repeat for more. The format
     /// defaults to what the file's header says.
     #[arg(long = "disk")]
     disks: Vec<String>,
@@ -96,6 +96,7 @@ pub fn parse_disk(text: &str) -> anyhow::Result<DiskSpec> {
     }
     let mut format = None;
     let mut read_only = false;
+    let mut snapshot = false;
     let mut secret_file = None;
     for opt in parts {
         match opt.split_once('=') {
@@ -103,7 +104,8 @@ pub fn parse_disk(text: &str) -> anyhow::Result<DiskSpec> {
             Some(("format", "qcow2")) => format = Some(DiskFormat::Qcow2),
             Some(("secret", file)) => secret_file = Some(PathBuf::from(file)),
             None if opt == "ro" => read_only = true,
-            _ => bail!("unknown disk option `{opt}` in `{text}`; use format=raw|qcow2, ro or secret=KEYFILE"),
+            None if opt == "volatile" => snapshot = true,
+            _ => bail!("unknown disk option `{opt}` in `{text}`; use format=raw|qcow2, ro, volatile or secret=KEYFILE"),
         }
     }
     let format = match format {
@@ -115,6 +117,7 @@ pub fn parse_disk(text: &str) -> anyhow::Result<DiskSpec> {
         path,
         format,
         read_only,
+        snapshot,
         secret_file,
     })
 }
@@ -146,10 +149,12 @@ impl SpecArgs {
             })?;
             kernel.get_or_insert(assets.kernel.clone());
             initrd.get_or_insert(assets.initrd.clone());
+            // The built image is shared: the guest's writes stay in a throwaway layer.
             disks.push(DiskSpec {
                 path: disk.to_path_buf(),
                 format: DiskFormat::Raw,
                 read_only: false,
+                snapshot: true,
                 secret_file: None,
             });
         }

@@ -30,26 +30,42 @@ pub struct Ran {
 impl Ran {
     /// Parses stdout as one JSON document.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 
     /// Asserts success and returns self.
     pub fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "command failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     /// Asserts the exit code and returns self.
     pub fn code(self, code: i32) -> Self {
-        assert_eq!(self.code, code, "unexpected exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "unexpected exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
 
 /// Runs `cmd` to completion.
 pub fn run(cmd: &mut Command) -> Ran {
-    let Output { status, stdout, stderr } = cmd.output().expect("spawn command");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("spawn command");
     Ran {
         code: status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -119,4 +135,97 @@ pub fn guest_dir() -> PathBuf {
     std::env::var_os("TANDEM_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/tandem/guest"))
+}
+
+/// Whether any live process's command line contains `needle` (used to prove that no QEMU
+/// was left behind).
+pub fn process_running_with(needle: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        if pid == std::process::id() {
+            return false;
+        }
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                let text = String::from_utf8_lossy(&c).replace('\0', " ");
+                text.contains(needle) && !text.contains("cargo")
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Builds the guest once per machine (cached by content) and returns its directory.
+pub fn guest() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = guest_dir();
+            run(tandem()
+                .args(["guest", "build", "--out"])
+                .arg(&dir)
+                .arg("--json"))
+            .ok();
+            dir
+        })
+        .clone()
+}
+
+/// A named VM under a temporary state directory that is stopped (and its QEMU killed)
+/// when the test ends, pass or fail.
+pub struct NamedVm {
+    /// State directory.
+    pub state: tempfile::TempDir,
+    /// VM name (unique per test, so leftovers can be found by name).
+    pub name: String,
+}
+
+impl NamedVm {
+    /// A fresh state directory for VM `name`.
+    pub fn new(name: &str) -> Self {
+        NamedVm {
+            state: tempfile::tempdir().expect("tempdir"),
+            name: format!("{name}-{}", std::process::id()),
+        }
+    }
+
+    /// `tandem vm <verb> NAME --state-dir DIR` plus `extra`.
+    pub fn cmd(&self, verb: &str, extra: &[&str]) -> Command {
+        let mut c = tandem();
+        c.args(["vm", verb, &self.name, "--state-dir"])
+            .arg(self.state.path())
+            .args(extra);
+        c
+    }
+
+    /// The VM's state as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        run(&mut self.cmd("status", &["--json"])).ok().json()
+    }
+}
+
+impl Drop for NamedVm {
+    fn drop(&mut self) {
+        let _ = self.cmd("stop", &["--timeout", "5"]).output();
+        let dir = self.state.path().join(&self.name);
+        for file in ["state.json"] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    for key in ["qemu_pid", "supervisor_pid"] {
+                        if let Some(pid) = v[key].as_i64() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -61,6 +61,10 @@ pub struct DiskSpec {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Volatile: QEMU keeps the guest's writes in a temporary file and drops them at
+    /// exit, so the image itself never changes.
+    #[serde(default)]
+    pub snapshot: bool,
     /// File holding the LUKS passphrase of an encrypted qcow2 (UTF-8 text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
@@ -389,6 +393,9 @@ impl VmSpec {
             if disk.read_only {
                 d.push_str(",readonly=on");
             }
+            if disk.snapshot {
+                d.push_str(",snapshot=on");
+            }
             push("-drive");
             push(&d);
         }
@@ -430,6 +437,7 @@ mod tests {
                 path: dir.join("d.raw"),
                 format: DiskFormat::Raw,
                 read_only: false,
+                snapshot: false,
                 secret_file: None,
             }],
             serial: Serial::File {
