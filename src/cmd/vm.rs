@@ -209,6 +209,9 @@ enum VmCommand {
         /// Give up (and stop the VM) after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// Print the QEMU command line this would run, one argument per line, and exit.
+        #[arg(long)]
+        print_qemu_command: bool,
     },
     /// Start a named VM in the background under a supervisor.
     Start {
@@ -291,7 +294,19 @@ pub fn run(args: VmArgs, global: &Global) -> anyhow::Result<u8> {
             serial_log,
             exit_on,
             timeout,
-        } => run_foreground(&spec, &name, serial_log, exit_on, timeout),
+            print_qemu_command,
+        } => {
+            if print_qemu_command {
+                let qmp = std::env::temp_dir().join(format!("tandem-{name}-qmp.sock"));
+                let spec = spec.to_spec(&name, Serial::Stdio { log: serial_log }, qmp)?;
+                println!("{}", tandem_vm::QEMU);
+                for arg in spec.qemu_args(tandem_vm::accel::resolve(spec.accel)) {
+                    println!("{}", arg.to_string_lossy());
+                }
+                return Ok(exit::SUCCESS);
+            }
+            run_foreground(&spec, &name, serial_log, exit_on, timeout)
+        }
         VmCommand::Start {
             name,
             spec,
