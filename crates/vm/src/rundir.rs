@@ -10,6 +10,11 @@
 //! | `qmp.sock`, `console.sock` | QEMU | monitor and serial console |
 //! | `serial.log`, `qemu.log` | QEMU | everything the guest printed; QEMU's stderr |
 //! | `stop-requested` | `vm stop` | marks the coming exit as asked for |
+//! | `sidecars.json` | `vm start` | helper processes the VM needs (e.g. an NBD export of its base) |
+//!
+//! Sidecars start before QEMU, in order, each waited for until its socket appears; they
+//! are killed when QEMU ends and die with the supervisor (`PR_SET_PDEATHSIG`), so a base
+//! image export never outlives the VM that reads it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -67,6 +72,29 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A helper process a VM needs while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Sidecar {
+    /// Program to run.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// The VM starts only once this unix socket accepts connections.
+    pub ready_socket: Option<PathBuf>,
+}
+
+/// Sidecar processes of a running VM; killed on drop.
+struct Sidecars(Vec<std::process::Child>);
+
+impl Drop for Sidecars {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// The directory of one named VM.
@@ -152,6 +180,61 @@ impl RunDir {
         let path = self.dir.join("spec.json");
         let json = serde_json::to_vec_pretty(spec).expect("spec serializes");
         std::fs::write(&path, json).map_err(|e| VmError::io(&path, e))
+    }
+
+    /// Records the helper processes the supervisor starts before QEMU.
+    pub fn write_sidecars(&self, sidecars: &[Sidecar]) -> Result<(), VmError> {
+        let path = self.dir.join("sidecars.json");
+        let json = serde_json::to_vec_pretty(sidecars).expect("sidecars serialize");
+        std::fs::write(&path, json).map_err(|e| VmError::io(&path, e))
+    }
+
+    fn read_sidecars(&self) -> Result<Vec<Sidecar>, VmError> {
+        let path = self.dir.join("sidecars.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| VmError::InvalidSpec(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(VmError::io(&path, e)),
+        }
+    }
+
+    fn start_sidecars(&self) -> Result<Sidecars, VmError> {
+        let mut running = Sidecars(Vec::new());
+        for (i, sc) in self.read_sidecars()?.into_iter().enumerate() {
+            let log_path = self.dir.join(format!("sidecar-{i}.log"));
+            let log = File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
+            let err = log.try_clone().map_err(|e| VmError::io(&log_path, e))?;
+            let mut cmd = std::process::Command::new(&sc.program);
+            cmd.args(&sc.args)
+                .stdin(std::process::Stdio::null())
+                .stdout(log)
+                .stderr(err);
+            crate::sys::kill_with_parent(&mut cmd);
+            let child = cmd.spawn().map_err(|e| VmError::io(&sc.program, e))?;
+            running.0.push(child);
+            if let Some(sock) = &sc.ready_socket {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+                        break;
+                    }
+                    let exited = running
+                        .0
+                        .last_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    if exited.is_some() || Instant::now() > deadline {
+                        let tail = crate::tail_lines(&log_path, 3).join(" | ");
+                        return Err(VmError::StartFailed {
+                            status: format!("helper {} did not come up", sc.program.display()),
+                            stderr: tail,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        Ok(running)
     }
 
     /// Reads the spec.
@@ -247,8 +330,11 @@ impl RunDir {
             error: None,
         };
         self.write_state(&state)?;
-        let mut vm = match Vm::start(&spec, &self.dir.join("qemu.log")) {
-            Ok(vm) => vm,
+        let started = self
+            .start_sidecars()
+            .and_then(|sc| Ok((sc, Vm::start(&spec, &self.dir.join("qemu.log"))?)));
+        let (_sidecars, mut vm) = match started {
+            Ok(both) => both,
             Err(e) => {
                 state.phase = Phase::Failed;
                 state.error = Some(e.to_string());

@@ -1,0 +1,210 @@
+//! qcow2 overlays, the LUKS user disk and internal snapshots, through `qemu-img`.
+//!
+//! Overlays are created with `-u` (the base is not opened) so a volatile overlay can be
+//! made before the base's NBD export is up. Snapshot operations open the overlay alone
+//! (`backing: null`), so they never touch, or need, the base.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::Deserialize;
+
+use crate::DesktopError;
+
+fn qemu_img(action: &str, args: &[&str]) -> Result<String, DesktopError> {
+    let out = Command::new("qemu-img").args(args).output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            DesktopError::QemuImgMissing
+        } else {
+            DesktopError::io("qemu-img", e)
+        }
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.contains("No space left on device") {
+            return Err(DesktopError::DiskFull {
+                path: args.last().map(|a| a.into()).unwrap_or_default(),
+            });
+        }
+        return Err(DesktopError::QemuImg {
+            action: action.to_string(),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The overlay opened alone, without its backing chain.
+fn alone(image: &Path) -> String {
+    let v = serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": image.display().to_string() },
+        "backing": null,
+    });
+    format!("json:{v}")
+}
+
+/// Creates a qcow2 overlay at `out` over `backing` (raw), atomically: a failure (disk
+/// full included) leaves any previous file at `out` untouched.
+pub fn create_overlay(backing: &str, size: u64, out: &Path) -> Result<(), DesktopError> {
+    let tmp = out.with_extension("qcow2.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let size = size.to_string();
+    let result = qemu_img(
+        "create (overlay)",
+        &[
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            backing,
+            &tmp.to_string_lossy(),
+            &size,
+        ],
+    );
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(match e {
+            DesktopError::DiskFull { .. } => DesktopError::DiskFull {
+                path: out.to_path_buf(),
+            },
+            other => other,
+        });
+    }
+    std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+}
+
+/// Creates the encrypted user disk: an ext4 filesystem inside a LUKS qcow2 whose
+/// passphrase is the text in `secret_file`.
+pub fn create_luks_user_disk(
+    out: &Path,
+    size_mib: u64,
+    secret_file: &Path,
+) -> Result<(), DesktopError> {
+    let raw = out.with_extension("raw.tmp");
+    let tmp = out.with_extension("qcow2.tmp");
+    let cleanup = || {
+        let _ = std::fs::remove_file(&raw);
+        let _ = std::fs::remove_file(&tmp);
+    };
+    let f = std::fs::File::create(&raw).map_err(|e| DesktopError::io(&raw, e))?;
+    f.set_len(size_mib * 1024 * 1024)
+        .map_err(|e| DesktopError::io(&raw, e))?;
+    drop(f);
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "tandem-user"])
+        .arg(&raw)
+        .output()
+        .map_err(|e| {
+            cleanup();
+            DesktopError::io("mkfs.ext4", e)
+        })?;
+    if !mkfs.status.success() {
+        cleanup();
+        return Err(DesktopError::QemuImg {
+            action: "mkfs.ext4 (user disk)".into(),
+            stderr: String::from_utf8_lossy(&mkfs.stderr).trim().to_string(),
+        });
+    }
+    let secret = format!("secret,id=sec0,file={}", secret_file.display());
+    let result = qemu_img(
+        "convert (encrypt user disk)",
+        &[
+            "convert",
+            "-q",
+            "--object",
+            &secret,
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            &raw.to_string_lossy(),
+            &tmp.to_string_lossy(),
+        ],
+    );
+    let _ = std::fs::remove_file(&raw);
+    if let Err(e) = result {
+        cleanup();
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+}
+
+/// One internal snapshot (recovery point).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Its name.
+    pub name: String,
+    /// Unix seconds when it was taken.
+    #[serde(rename = "date-sec")]
+    pub date_sec: u64,
+}
+
+#[derive(Deserialize)]
+struct Info {
+    #[serde(default)]
+    snapshots: Vec<Snapshot>,
+}
+
+/// Lists the internal snapshots of `image`.
+pub fn snapshots(image: &Path) -> Result<Vec<Snapshot>, DesktopError> {
+    let out = qemu_img("info", &["info", "--output=json", &alone(image)])?;
+    let info: Info = serde_json::from_str(&out).map_err(|e| DesktopError::QemuImg {
+        action: "info".into(),
+        stderr: e.to_string(),
+    })?;
+    Ok(info.snapshots)
+}
+
+/// Takes an internal snapshot of a powered-off image.
+pub fn snapshot_create(image: &Path, name: &str) -> Result<(), DesktopError> {
+    qemu_img(
+        "snapshot -c",
+        &["snapshot", "-q", "-c", name, &alone(image)],
+    )
+    .map(drop)
+}
+
+/// Reverts a powered-off image to an internal snapshot.
+pub fn snapshot_apply(image: &Path, name: &str) -> Result<(), DesktopError> {
+    qemu_img(
+        "snapshot -a",
+        &["snapshot", "-q", "-a", name, &alone(image)],
+    )
+    .map(drop)
+}
+
+/// Deletes an internal snapshot.
+pub fn snapshot_delete(image: &Path, name: &str) -> Result<(), DesktopError> {
+    qemu_img(
+        "snapshot -d",
+        &["snapshot", "-q", "-d", name, &alone(image)],
+    )
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_snapshots_round_trip_without_the_base() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ov = dir.path().join("ov.qcow2");
+        // The base does not exist: overlays and snapshots must not need it.
+        create_overlay("nbd+unix:///?socket=/nonexistent.sock", 64 << 20, &ov).expect("overlay");
+        assert!(snapshots(&ov).expect("list").is_empty());
+        snapshot_create(&ov, "before-update").expect("create");
+        let list = snapshots(&ov).expect("list");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name, "before-update");
+        snapshot_apply(&ov, "before-update").expect("apply");
+        assert!(snapshot_apply(&ov, "missing").is_err());
+        snapshot_delete(&ov, "before-update").expect("delete");
+        assert!(snapshots(&ov).expect("list").is_empty());
+    }
+}

@@ -1,0 +1,154 @@
+//! Turning a desktop's layered disks into a VM spec the supervisor can run.
+
+use std::path::PathBuf;
+
+use tandem_vm::rundir::Sidecar;
+use tandem_vm::{Accel, Boot, DeviceControls, DiskFormat, DiskSpec, Network, Serial, VmSpec};
+
+use crate::disks;
+use crate::keys::{SecretFile, SecretKey};
+use crate::layout::{BaseDisk, Desktop, Layout};
+use crate::DesktopError;
+
+/// Everything about a desktop VM that is not its disks: how it boots and what policy
+/// allows it.
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    /// Kernel for direct boot (the test guest); `None` boots the system disk's firmware path.
+    pub kernel: Option<PathBuf>,
+    /// initramfs for direct boot.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Network (policy may forbid it for the corporate VM).
+    pub network: Network,
+    /// Device controls from policy.
+    pub controls: DeviceControls,
+}
+
+/// A VM ready to hand to the supervisor.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The spec (sockets and logs are placed by the supervisor's run directory).
+    pub spec: VmSpec,
+    /// Helpers to run alongside (e.g. the NBD export of the base).
+    pub sidecars: Vec<Sidecar>,
+    /// The user disk passphrase file; drop it once QEMU runs.
+    pub secret: Option<SecretFile>,
+}
+
+fn spec(name: &str, boot: &BootConfig, disks: Vec<DiskSpec>) -> VmSpec {
+    VmSpec {
+        name: name.to_string(),
+        memory_mib: boot.memory_mib,
+        vcpus: boot.vcpus,
+        boot: match &boot.kernel {
+            Some(k) => Boot::Kernel {
+                kernel: k.clone(),
+                initrd: boot.initrd.clone(),
+                cmdline: boot.cmdline.clone(),
+            },
+            None => Boot::Disk,
+        },
+        disks,
+        serial: Serial::File {
+            log: PathBuf::new(),
+        },
+        qmp_socket: PathBuf::new(),
+        vnc: None,
+        network: boot.network,
+        accel: boot.accel,
+        controls: boot.controls,
+    }
+}
+
+fn mkdir(p: &std::path::Path) -> Result<(), DesktopError> {
+    std::fs::create_dir_all(p).map_err(|e| DesktopError::io(p, e))
+}
+
+/// Prepares the corporate VM: a fresh volatile overlay over `base`, the encrypted user
+/// disk (created on first use), and the passphrase file for QEMU. Call only after the
+/// lease check passed: `user_key` is the unwrapped key.
+pub fn corporate(
+    layout: &Layout,
+    base: &BaseDisk,
+    boot: &BootConfig,
+    user_key: &SecretKey,
+    user_disk_mib: u64,
+    sidecars: Vec<Sidecar>,
+) -> Result<Prepared, DesktopError> {
+    mkdir(&layout.desktop_dir(Desktop::Corporate))?;
+    mkdir(&layout.run_dir())?;
+    let size = base
+        .size()
+        .map_err(|e| DesktopError::io(base.backing(), e))?;
+    disks::create_overlay(&base.backing(), size, &layout.corporate_system())?;
+    let secret = SecretFile::write(&layout.run_dir().join("corporate-user.secret"), user_key)?;
+    let user = layout.corporate_user_disk();
+    if !user.exists() {
+        disks::create_luks_user_disk(&user, user_disk_mib, secret.path())?;
+    }
+    let record = layout.base_record(Desktop::Corporate);
+    let json = serde_json::to_vec_pretty(base).expect("base serializes");
+    std::fs::write(&record, json).map_err(|e| DesktopError::io(&record, e))?;
+    let disks = vec![
+        DiskSpec {
+            path: layout.corporate_system(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+            snapshot: false,
+            secret_file: None,
+        },
+        DiskSpec {
+            path: user,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+            snapshot: false,
+            secret_file: Some(secret.path().to_path_buf()),
+        },
+    ];
+    Ok(Prepared {
+        spec: spec(Desktop::Corporate.name(), boot, disks),
+        sidecars,
+        secret: Some(secret),
+    })
+}
+
+/// Prepares the personal VM: its persistent overlay over `base` (created on first use or
+/// after a reset).
+pub fn personal(
+    layout: &Layout,
+    base: &BaseDisk,
+    boot: &BootConfig,
+    sidecars: Vec<Sidecar>,
+) -> Result<Prepared, DesktopError> {
+    mkdir(&layout.desktop_dir(Desktop::Personal))?;
+    let overlay = layout.personal_overlay();
+    if !overlay.exists() {
+        let size = base
+            .size()
+            .map_err(|e| DesktopError::io(base.backing(), e))?;
+        disks::create_overlay(&base.backing(), size, &overlay)?;
+    }
+    let record = layout.base_record(Desktop::Personal);
+    let json = serde_json::to_vec_pretty(base).expect("base serializes");
+    std::fs::write(&record, json).map_err(|e| DesktopError::io(&record, e))?;
+    let disks = vec![DiskSpec {
+        path: overlay,
+        format: DiskFormat::Qcow2,
+        read_only: false,
+        snapshot: false,
+        secret_file: None,
+    }];
+    Ok(Prepared {
+        spec: spec(Desktop::Personal.name(), boot, disks),
+        sidecars,
+        secret: None,
+    })
+}
