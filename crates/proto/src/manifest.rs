@@ -265,6 +265,54 @@ impl ManifestDelta {
     }
 }
 
+/// Most chunk ids in one fetch, stat or missing request.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 4096;
+
+/// Body of `POST /v1/chunks/fetch` and `POST /v1/chunks/stat`: chunks wanted for one
+/// image version (the server checks that the caller may read that version and that every
+/// chunk belongs to it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRequest {
+    /// Image name.
+    pub image: String,
+    /// Version the chunks are for.
+    pub version: u64,
+    /// Chunk ids.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// Reply of `POST /v1/chunks/stat`: what fetching the named chunks would transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkStat {
+    /// Chunks counted.
+    pub count: u64,
+    /// Bytes they take on the wire.
+    pub bytes: u64,
+}
+
+/// Body and reply of `POST /v1/chunks/missing`: which of these chunks the server lacks
+/// (an uploader then sends only those).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkList {
+    /// Chunk ids.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// One image and the versions a caller may read, as listed by `GET /v1/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Image name.
+    pub name: String,
+    /// Versions, ascending.
+    pub versions: Vec<u64>,
+}
+
+/// Frame header in a chunk fetch stream: `id (32) | flags u8 | raw_len u32 LE | len u32 LE`
+/// followed by `len` bytes (a zstd frame when `flags & 1`, else the plaintext).
+pub const CHUNK_FRAME_HEADER: usize = 41;
+
 #[cfg(test)]
 mod tests {
     use super::*;

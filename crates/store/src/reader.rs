@@ -151,6 +151,15 @@ impl ImageReader {
     }
 }
 
+impl tandem_disk::ReadAt for ImageReader {
+    fn size(&self) -> u64 {
+        self.manifest.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        ImageReader::read_at(self, buf, offset)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
