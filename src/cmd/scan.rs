@@ -1,12 +1,325 @@
-//! `tandem scan`.
+//! `tandem scan`: scan VM disks for malware without booting them.
+//!
+//! `image FILE` scans a raw or qcow2 file (with its backing chain); `bundle sign` makes a
+//! signed rule bundle with the server's rules key; `worker` is the hidden per-volume child
+//! process (see `tandem_scan::isolate`).
 
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tandem_scan::{Outcome, Report, RuleSet, ScanConfig, ScanState, Verdict};
+
+use crate::exit;
 use crate::output::Global;
 
 /// Arguments of `tandem scan`.
 #[derive(Debug, clap::Args)]
-pub struct ScanArgs {}
+pub struct ScanArgs {
+    #[command(subcommand)]
+    cmd: ScanCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ScanCmd {
+    /// Scan a raw or qcow2 disk image file (qcow2 backing chains are followed).
+    Image(ImageArgs),
+    /// Sign a rule bundle with the server's rules key (for distribution to agents).
+    Bundle(BundleArgs),
+    /// Internal: scan one volume as an isolated child process.
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Which rules to use.
+#[derive(Debug, clap::Args)]
+struct RuleArgs {
+    /// YARA rule file or directory of .yar/.yara files (repeatable).
+    #[arg(long = "rules", value_name = "PATH")]
+    rules: Vec<PathBuf>,
+    /// SHA-256 blocklist: one `<hex sha256> [name]` per line.
+    #[arg(long, value_name = "FILE")]
+    blocklist: Option<PathBuf>,
+    /// A signed rule bundle (`tandem scan bundle sign`); needs --trust.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["rules", "blocklist"])]
+    bundle: Option<PathBuf>,
+    /// The rules public key (base64, or a file holding it) a bundle must be signed by.
+    #[arg(long, value_name = "KEY", requires = "bundle")]
+    trust: Option<String>,
+}
+
+/// Limits and output.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Files larger than this many bytes are not scanned (`too_large`).
+    #[arg(long, default_value_t = ScanConfig::default().max_file_size)]
+    max_file_size: u64,
+    /// Rule-engine timeout per file, seconds.
+    #[arg(long, default_value_t = ScanConfig::default().file_timeout_secs)]
+    file_timeout: u64,
+    /// Time budget per volume, seconds (its worker is killed 30 s later).
+    #[arg(long, default_value_t = ScanConfig::default().volume_timeout_secs)]
+    volume_timeout: u64,
+    /// Memory limit of each scan worker, MiB.
+    #[arg(long, default_value_t = ScanConfig::default().worker_memory_mib)]
+    worker_memory: u64,
+    /// Incremental state file: files unchanged since the last clean scan under the same
+    /// rules skip rule matching (content is still read and hashed).
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// List clean files too.
+    #[arg(long)]
+    all_files: bool,
+    /// Print one JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImageArgs {
+    /// The image file.
+    file: PathBuf,
+    #[command(flatten)]
+    rules: RuleArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct BundleArgs {
+    #[command(subcommand)]
+    cmd: BundleCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BundleCmd {
+    /// Sign rules and a blocklist into a bundle file.
+    Sign {
+        /// YARA rule file or directory (repeatable).
+        #[arg(long = "rules", value_name = "PATH")]
+        rules: Vec<PathBuf>,
+        /// SHA-256 blocklist file.
+        #[arg(long, value_name = "FILE")]
+        blocklist: Option<PathBuf>,
+        /// Bundle version (agents refuse to go backwards).
+        #[arg(long = "bundle-version")]
+        version: u64,
+        /// The server data directory holding keys/rules-signing.key.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Where to write the bundle.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+}
 
 /// Runs `tandem scan`.
-pub fn run(_args: ScanArgs, _global: &Global) -> anyhow::Result<u8> {
-    anyhow::bail!("`tandem scan` is not built yet")
+pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
+    match args.cmd {
+        ScanCmd::Image(a) => scan_image(a, global),
+        ScanCmd::Bundle(BundleArgs {
+            cmd:
+                BundleCmd::Sign {
+                    rules,
+                    blocklist,
+                    version,
+                    data,
+                    output,
+                },
+        }) => {
+            let set = RuleSet::from_paths(&rules, blocklist.as_deref())?;
+            set.compile().context("checking the rules before signing")?;
+            let keys = tandem_server::keys::ServerKeys::load_or_create(&data)
+                .with_context(|| format!("loading the server keys in {}", data.display()))?;
+            let signed = set.sign(&keys.rules, version);
+            std::fs::write(&output, serde_json::to_vec_pretty(&signed)?)
+                .with_context(|| format!("writing {}", output.display()))?;
+            if !global.quiet {
+                eprintln!(
+                    "signed bundle v{version} ({} rule files, {} hashes) → {}; agents verify it with --trust <public_key>",
+                    set.rules.len(),
+                    set.blocklist.len(),
+                    output.display()
+                );
+            }
+            crate::output::print_json(&serde_json::json!({
+                "bundle": output,
+                "version": version,
+                "key_id": keys.rules.public().id(),
+                "public_key": keys.rules.public(),
+            }))?;
+            Ok(exit::SUCCESS)
+        }
+        ScanCmd::Worker => Ok(tandem_scan::isolate::worker_main(open_source)),
+    }
+}
+
+/// How a worker re-opens the disk the parent is scanning.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Source {
+    /// A raw or qcow2 file.
+    Image { path: PathBuf },
+}
+
+fn open_source(v: &serde_json::Value) -> Result<Arc<dyn tandem_disk::ReadAt>, String> {
+    let s: Source = serde_json::from_value(v.clone()).map_err(|e| format!("bad source: {e}"))?;
+    match s {
+        Source::Image { path } => tandem_disk::open_image(&path)
+            .map(Arc::from)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn load_rules(r: &RuleArgs) -> anyhow::Result<RuleSet> {
+    if let Some(b) = &r.bundle {
+        let trust = r
+            .trust
+            .as_deref()
+            .context("--bundle needs --trust KEY (the server's rules public key)")?;
+        let key_text = if Path::new(trust).is_file() {
+            std::fs::read_to_string(trust).with_context(|| format!("reading {trust}"))?
+        } else {
+            trust.to_string()
+        };
+        let key = tandem_proto::PublicKey::from_base64(&key_text)
+            .context("--trust is not a public key")?;
+        let text = std::fs::read(b).with_context(|| format!("reading bundle {}", b.display()))?;
+        let signed: tandem_proto::Signed = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a signed bundle", b.display()))?;
+        let (set, _) = RuleSet::from_bundle(&signed, &[key])?;
+        return Ok(set);
+    }
+    if r.rules.is_empty() && r.blocklist.is_none() {
+        return Ok(RuleSet::builtin());
+    }
+    Ok(RuleSet::from_paths(&r.rules, r.blocklist.as_deref())?)
+}
+
+fn config(l: &LimitArgs) -> ScanConfig {
+    ScanConfig {
+        max_file_size: l.max_file_size,
+        file_timeout_secs: l.file_timeout,
+        volume_timeout_secs: l.volume_timeout,
+        worker_memory_mib: l.worker_memory,
+        list_clean: l.all_files,
+        ..ScanConfig::default()
+    }
+}
+
+/// Scans a disk view through workers and prints the report; returns the exit code.
+fn scan_view(
+    disk: Arc<dyn tandem_disk::ReadAt>,
+    source: serde_json::Value,
+    target: &str,
+    rules: &RuleArgs,
+    limits: &LimitArgs,
+    global: &Global,
+) -> anyhow::Result<u8> {
+    let set = load_rules(rules)?;
+    let engine = set.compile()?;
+    if !global.quiet && !limits.json {
+        eprintln!("scanning {target} with {}", engine.info().source);
+    }
+    let cfg = config(limits);
+    let mut state = match &limits.state {
+        Some(p) => Some(ScanState::load(p, &engine.info().digest)?),
+        None => None,
+    };
+    let exe = std::env::current_exe().context("locating the tandem binary for scan workers")?;
+    let cmd: Vec<OsString> = vec![exe.into(), "scan".into(), "worker".into()];
+    let report = tandem_scan::isolate::scan_isolated(
+        disk,
+        &source,
+        target,
+        &engine,
+        &cfg,
+        &cmd,
+        state.as_mut(),
+    )
+    .with_context(|| format!("scanning {target}"))?;
+    if let (Some(p), Some(s)) = (&limits.state, &state) {
+        s.save(p)?;
+    }
+    if limits.json {
+        crate::output::print_json(&report)?;
+    } else {
+        print_human(&report);
+    }
+    Ok(match report.outcome {
+        Outcome::Clean => exit::SUCCESS,
+        Outcome::Infected => exit::FINDING,
+        Outcome::Incomplete => exit::INCOMPLETE,
+    })
+}
+
+fn scan_image(a: ImageArgs, global: &Global) -> anyhow::Result<u8> {
+    let disk: Arc<dyn tandem_disk::ReadAt> = Arc::from(
+        tandem_disk::open_image(&a.file)
+            .with_context(|| format!("opening {}", a.file.display()))?,
+    );
+    let path = std::fs::canonicalize(&a.file).unwrap_or(a.file.clone());
+    let source = serde_json::to_value(Source::Image { path })?;
+    scan_view(
+        disk,
+        source,
+        &a.file.display().to_string(),
+        &a.rules,
+        &a.limits,
+        global,
+    )
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn verdict_text(v: &Verdict) -> String {
+    match v {
+        Verdict::Clean => "clean".into(),
+        Verdict::Infected { hits } => format!(
+            "INFECTED [{}]",
+            hits.iter()
+                .map(|h| format!("{} {}", h.engine, h.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Verdict::NotScanned { reason, detail } => {
+            format!("NOT SCANNED ({}: {detail})", reason.as_str())
+        }
+    }
+}
+
+fn print_human(r: &Report) {
+    let secs = r.millis as f64 / 1000.0;
+    let outcome = match r.outcome {
+        Outcome::Clean => "CLEAN",
+        Outcome::Infected => "INFECTED",
+        Outcome::Incomplete => "INCOMPLETE",
+    };
+    println!(
+        "{}: {outcome} — {} files, {} infected, {} not scanned, {} unchanged; {} read in {secs:.1} s",
+        r.target,
+        r.counts.files,
+        r.counts.infected,
+        r.counts.not_scanned,
+        r.counts.unchanged,
+        mib(r.counts.bytes)
+    );
+    for v in &r.volumes {
+        println!(
+            "volume {} ({:?}, {}, {} at {}): {} — {} files",
+            v.index,
+            v.table,
+            v.fs,
+            mib(v.len),
+            v.start,
+            verdict_text(&v.verdict),
+            v.counts.files
+        );
+        for f in &v.files {
+            println!("  {}  {}", verdict_text(&f.verdict), f.path);
+        }
+    }
 }

@@ -1,1 +1,613 @@
-//! End-to-end tests: scan.
+//! End-to-end tests: `tandem scan` on images generated here with the real tools
+//! (mkfs.ext4 -d, mkfs.vfat + mtools, mkntfs + ntfscp, sgdisk/sfdisk, qemu-img).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::util::{run, tandem, Ran};
+
+const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+fn sh(prog: &str, args: &[&str]) {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel.trim_start_matches('/'));
+    std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+    std::fs::write(p, data).expect("write");
+}
+
+fn sized(path: &Path, bytes: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .expect("create image");
+}
+
+/// Pseudo-random bytes that contain no EICAR.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A tree with EICAR at several depths, in a large file, a sparse file and a Unicode
+/// name, plus clean files; returns the infected paths.
+fn planted_tree(root: &Path) -> BTreeSet<String> {
+    write(root, "/eicar.com", EICAR.as_bytes());
+    write(
+        root,
+        "/a/b/c/d/e/deep.txt",
+        format!("notes\n{EICAR}\nmore notes").as_bytes(),
+    );
+    let mut big = noise(12 << 20, 7);
+    let at = big.len() - 1000;
+    big[at..at + EICAR.len()].copy_from_slice(EICAR.as_bytes());
+    write(root, "/big.bin", &big);
+    // Sparse: 64 MiB apparent, EICAR after a 40 MiB hole.
+    let sp = root.join("sparse.img");
+    let f = std::fs::File::create(&sp).expect("sparse");
+    f.set_len(64 << 20).expect("len");
+    use std::os::unix::fs::FileExt as _;
+    f.write_all_at(EICAR.as_bytes(), 40 << 20)
+        .expect("write sparse");
+    write(root, "/ünïcødé/文件.txt", EICAR.as_bytes());
+    for i in 0..20 {
+        write(
+            root,
+            &format!("/clean/f{i}.txt"),
+            &noise(1000 + i * 3000, i as u64 + 100),
+        );
+    }
+    write(
+        root,
+        "/notes.txt",
+        b"MARKER-0123456789-clean-notes-that-will-be-rewritten-in-place-XXXXXXXXXX",
+    );
+    [
+        "/eicar.com",
+        "/a/b/c/d/e/deep.txt",
+        "/big.bin",
+        "/sparse.img",
+        "/ünïcødé/文件.txt",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn mkext4(dir: &Path, src: &Path, name: &str, mib: u64, extra: &[&str]) -> PathBuf {
+    let img = dir.join(name);
+    sized(&img, mib << 20);
+    let mut args = vec!["-q", "-F", "-U", "6f1c0e3a-6c61-4b4e-9d7b-0d1a2b3c4d5e"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-d", s(src), s(&img)]);
+    sh("mkfs.ext4", &args);
+    img
+}
+
+fn scan(img: &Path, extra: &[&str]) -> Ran {
+    let mut c = tandem();
+    c.args(["scan", "image", s(img), "--json"]).args(extra);
+    run(&mut c)
+}
+
+fn infected(r: &Ran) -> BTreeSet<String> {
+    let j = r.json();
+    let mut out = BTreeSet::new();
+    for v in j["volumes"].as_array().expect("volumes") {
+        for f in v["files"].as_array().expect("files") {
+            if f["verdict"] == "infected" {
+                out.insert(f["path"].as_str().expect("path").to_string());
+            }
+        }
+    }
+    out
+}
+
+fn not_scanned(r: &Ran) -> Vec<(String, String)> {
+    let j = r.json();
+    let mut out = Vec::new();
+    for v in j["volumes"].as_array().expect("volumes") {
+        if v["verdict"] == "not_scanned" && v["files"].as_array().is_some_and(|f| f.is_empty()) {
+            out.push((
+                format!("volume {}", v["index"]),
+                v["reason"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        for f in v["files"].as_array().expect("files") {
+            if f["verdict"] == "not_scanned" {
+                out.push((
+                    f["path"].as_str().unwrap_or("").to_string(),
+                    f["reason"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn scan_ext4_whole_disk_gpt_and_qcow2_finds_every_planted_file() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    let want = planted_tree(&src);
+    let fs = mkext4(d.path(), &src, "fs.img", 40, &[]);
+    let r = scan(&fs, &[]).code(1);
+    assert_eq!(infected(&r), want);
+    let j = r.json();
+    assert_eq!(j["outcome"], "infected");
+    assert_eq!(j["volumes"][0]["fs"], "ext");
+    assert_eq!(j["volumes"][0]["table"], "whole");
+    assert_eq!(j["counts"]["infected"], 5);
+    assert_eq!(j["counts"]["not_scanned"], 0);
+
+    // The same filesystem inside a GPT partition, then as a qcow2 with a backing file.
+    let disk = d.path().join("gpt.img");
+    sized(&disk, 48 << 20);
+    sh("sgdisk", &["-n", "1:2048:+40M", s(&disk)]);
+    sh(
+        "dd",
+        &[
+            &format!("if={}", s(&fs)),
+            &format!("of={}", s(&disk)),
+            "bs=1M",
+            "seek=1",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let r = scan(&disk, &[]).code(1);
+    assert_eq!(infected(&r), want);
+    assert_eq!(r.json()["volumes"][0]["table"], "gpt");
+    let base = d.path().join("base.qcow2");
+    sh("qemu-img", &["convert", "-O", "qcow2", s(&disk), s(&base)]);
+    let ov = d.path().join("overlay.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            s(&ov),
+        ],
+    );
+    let r = scan(&ov, &[]).code(1);
+    assert_eq!(infected(&r), want);
+
+    // Human output names the infected files on stdout.
+    let r = run(tandem().args(["scan", "image", s(&ov)])).code(1);
+    assert!(
+        r.stdout.contains("INFECTED") && r.stdout.contains("/a/b/c/d/e/deep.txt"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn scan_clean_image_exits_zero_and_custom_rules_and_blocklist_work() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    for i in 0..10 {
+        write(&src, &format!("/docs/{i}.txt"), &noise(5000, i));
+    }
+    write(
+        &src,
+        "/bin/tool",
+        b"harmless tool with SIGNATURE-OF-EVIL-2026 inside",
+    );
+    let fs = mkext4(d.path(), &src, "clean.img", 8, &[]);
+    let r = scan(&fs, &[]).code(0);
+    assert_eq!(r.json()["outcome"], "clean");
+    assert_eq!(r.json()["counts"]["files"], 11);
+    let rules = d.path().join("evil.yar");
+    std::fs::write(
+        &rules,
+        "rule evil { strings: $a = \"SIGNATURE-OF-EVIL-2026\" condition: $a }",
+    )
+    .expect("rules");
+    // Blocklist the SHA-256 of docs/3.txt.
+    let sha = {
+        use std::io::Write as _;
+        let mut c = Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sha256sum");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(&noise(5000, 3))
+            .expect("write");
+        let out = c.wait_with_output().expect("wait");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .expect("hash")
+            .to_string()
+    };
+    let bl = d.path().join("block.txt");
+    std::fs::write(&bl, format!("# test\n{sha} Test.Blocklisted\n")).expect("bl");
+    let r = scan(&fs, &["--rules", s(&rules), "--blocklist", s(&bl)]).code(1);
+    assert_eq!(
+        infected(&r),
+        ["/bin/tool", "/docs/3.txt"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    let bad = d.path().join("bad.yar");
+    std::fs::write(&bad, "rule broken { condition: nope }").expect("bad");
+    let r = scan(&fs, &["--rules", s(&bad)]).code(3);
+    assert!(r.stderr.contains("do not compile"), "{}", r.stderr);
+}
+
+#[test]
+fn scan_fat_and_ext4_partitions_of_one_mbr_disk() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let fat = d.path().join("fat.img");
+    sh("mkfs.vfat", &["-C", s(&fat), "8192"]);
+    let e = d.path().join("e.txt");
+    std::fs::write(&e, format!("x{EICAR}y")).expect("e");
+    let c = d.path().join("c.txt");
+    std::fs::write(&c, noise(70_000, 5)).expect("c");
+    let fi = s(&fat);
+    sh(
+        "mmd",
+        &["-i", fi, "::/dir", "::/dir/sub", "::/dir/sub/deeper"],
+    );
+    sh("mcopy", &["-i", fi, s(&e), "::/dir/sub/deeper/payload.txt"]);
+    sh("mcopy", &["-i", fi, s(&e), "::/Ünïcode name.txt"]);
+    sh("mcopy", &["-i", fi, s(&c), "::/dir/clean.bin"]);
+    let src = d.path().join("src");
+    write(&src, "/home/user/eicar.txt", EICAR.as_bytes());
+    let ext = mkext4(d.path(), &src, "ext.img", 8, &[]);
+    let disk = d.path().join("mbr.img");
+    sized(&disk, 20 << 20);
+    let script = "label: dos\nstart=2048, size=16384, type=c\nstart=18432, size=16384, type=83\n";
+    let mut p = Command::new("sfdisk")
+        .args(["-q", s(&disk)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk");
+    use std::io::Write as _;
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    assert!(p.wait().expect("wait").success());
+    for (img, seek) in [(&fat, "2048"), (&ext, "18432")] {
+        sh(
+            "dd",
+            &[
+                &format!("if={}", s(img)),
+                &format!("of={}", s(&disk)),
+                "bs=512",
+                &format!("seek={seek}"),
+                "conv=notrunc",
+                "status=none",
+            ],
+        );
+    }
+    let r = scan(&disk, &[]).code(1);
+    let j = r.json();
+    assert_eq!(j["volumes"][0]["fs"], "fat");
+    assert_eq!(j["volumes"][1]["fs"], "ext");
+    assert_eq!(j["counts"]["files"], 4);
+    assert_eq!(
+        infected(&r),
+        [
+            "/dir/sub/deeper/payload.txt",
+            "/Ünïcode name.txt",
+            "/home/user/eicar.txt"
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    );
+    // The scan never wrote to the disk.
+    let before = std::fs::read(&disk).expect("read");
+    scan(&disk, &[]).code(1);
+    assert!(
+        std::fs::read(&disk).expect("read") == before,
+        "scan modified the image"
+    );
+}
+
+#[test]
+fn scan_ntfs_finds_eicar_in_files_and_alternate_streams_compressed_is_not_scanned() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let img = d.path().join("ntfs.img");
+    sized(&img, 16 << 20);
+    sh("mkntfs", &["-q", "-F", "-f", s(&img)]);
+    let e = d.path().join("e.txt");
+    std::fs::write(&e, format!("header {EICAR} trailer")).expect("e");
+    let c = d.path().join("c.txt");
+    std::fs::write(&c, noise(300_000, 9)).expect("c");
+    sh("ntfscp", &["-q", "-f", s(&img), s(&e), "eicar.txt"]);
+    sh(
+        "ntfscp",
+        &["-q", "-f", s(&img), s(&e), "Ωmega документ.txt"],
+    );
+    sh("ntfscp", &["-q", "-f", s(&img), s(&c), "clean.bin"]);
+    sh(
+        "ntfscp",
+        &["-q", "-f", "-N", "hidden", s(&img), s(&e), "clean.bin"],
+    );
+    let r = scan(&img, &[]).code(1);
+    assert_eq!(r.json()["volumes"][0]["fs"], "ntfs");
+    assert_eq!(
+        infected(&r),
+        ["/eicar.txt", "/Ωmega документ.txt", "/clean.bin:hidden"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    // A compressed file holding EICAR: not scanned, never clean, exit 2.
+    let ci = d.path().join("compressed.img");
+    sized(&ci, 8 << 20);
+    sh("mkntfs", &["-q", "-F", "-f", "-C", s(&ci)]);
+    sh("ntfscp", &["-q", "-f", s(&ci), s(&e), "packed.txt"]);
+    let r = scan(&ci, &[]).code(2);
+    assert_eq!(
+        not_scanned(&r),
+        vec![("/packed.txt".to_string(), "ntfs_compressed".to_string())]
+    );
+    assert_eq!(r.json()["outcome"], "incomplete");
+}
+
+#[test]
+fn scan_inline_data_ext4_is_not_scanned_with_its_reason() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    write(&src, "/small.txt", EICAR.as_bytes());
+    let img = mkext4(d.path(), &src, "inline.img", 8, &["-O", "inline_data"]);
+    let r = scan(&img, &[]).code(2);
+    let j = r.json();
+    assert_eq!(j["volumes"][0]["verdict"], "not_scanned");
+    assert_eq!(j["volumes"][0]["reason"], "fs_unsupported_feature");
+    assert!(
+        j["volumes"][0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("inline_data"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn scan_truncated_and_garbage_images_fail_clearly_without_hanging() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    planted_tree(&src);
+    let fs = mkext4(d.path(), &src, "fs.img", 40, &[]);
+    let disk = d.path().join("gpt.img");
+    sized(&disk, 48 << 20);
+    sh("sgdisk", &["-n", "1:2048:+40M", s(&disk)]);
+    sh(
+        "dd",
+        &[
+            &format!("if={}", s(&fs)),
+            &format!("of={}", s(&disk)),
+            "bs=1M",
+            "seek=1",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    // Truncated mid-filesystem: the partition runs past the end → not scanned, exit 2.
+    let t = d.path().join("trunc.img");
+    let b = std::fs::read(&disk).expect("read");
+    std::fs::write(&t, &b[..20 << 20]).expect("write");
+    let r = scan(&t, &[]).code(2);
+    assert_eq!(not_scanned(&r)[0].1, "read_error", "{}", r.stdout);
+    assert!(r.stdout.contains("truncated"), "{}", r.stdout);
+    // A whole-disk filesystem cut short: files past the cut are not scanned.
+    let t2 = d.path().join("trunc2.img");
+    std::fs::write(&t2, &std::fs::read(&fs).expect("read")[..6 << 20]).expect("write");
+    let r = scan(&t2, &[]);
+    assert!(r.code == 2 || r.code == 1, "exit {}: {}", r.code, r.stderr);
+    assert!(!not_scanned(&r).is_empty());
+    // Random garbage: no filesystem → not scanned (unknown_filesystem), exit 2.
+    let g = d.path().join("garbage.img");
+    std::fs::write(&g, noise(4 << 20, 99)).expect("write");
+    let r = scan(&g, &[]).code(2);
+    assert_eq!(
+        not_scanned(&r),
+        vec![("volume 0".to_string(), "unknown_filesystem".to_string())]
+    );
+    // A truncated qcow2: a clear error, exit 3 or not scanned, never a crash.
+    let q = d.path().join("q.qcow2");
+    sh("qemu-img", &["convert", "-O", "qcow2", s(&disk), s(&q)]);
+    let qb = std::fs::read(&q).expect("read");
+    std::fs::write(&q, &qb[..qb.len() / 3]).expect("write");
+    // Files whose clusters were cut off are not scanned; those before the cut still are
+    // (so it may still find EICAR: infected wins over incomplete).
+    let r = scan(&q, &[]);
+    match r.code {
+        1 | 2 => assert!(
+            not_scanned(&r).iter().any(|(_, why)| why == "read_error"),
+            "{}",
+            r.stdout
+        ),
+        3 => assert!(r.stderr.contains("qcow2"), "{}", r.stderr),
+        c => panic!("exit {c}: {}\n{}", r.stdout, r.stderr),
+    }
+    // Not an image at all.
+    let r = run(tandem().args(["scan", "image", "/nonexistent/disk.img"])).code(3);
+    assert!(
+        r.stderr
+            .starts_with("tandem: opening /nonexistent/disk.img"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn scan_incremental_skips_unchanged_but_never_a_file_rewritten_in_place() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    planted_tree(&src);
+    let img = mkext4(d.path(), &src, "fs.img", 40, &[]);
+    let state = d.path().join("state.json");
+    let st = ["--state", s(&state), "--all-files"];
+    let r1 = scan(&img, &st).code(1);
+    let j1 = r1.json();
+    assert_eq!(j1["counts"]["unchanged"], 0);
+    let clean = j1["counts"]["clean"].as_u64().expect("clean");
+    let r2 = scan(&img, &st).code(1);
+    assert_eq!(r2.json()["counts"]["unchanged"].as_u64(), Some(clean));
+    assert_eq!(
+        infected(&r2),
+        infected(&r1),
+        "infected files are never skipped"
+    );
+    // Rewrite /notes.txt's blocks in place (same size, same inode, same mtime): the
+    // filesystem metadata cannot tell, the content hash does.
+    let mut b = std::fs::read(&img).expect("read");
+    let marker = b"MARKER-0123456789-clean-notes-that-will-be-rewritten-in-place-XXXXXXXXXX";
+    let at = b
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("marker in image");
+    b[at..at + EICAR.len()].copy_from_slice(EICAR.as_bytes());
+    std::fs::write(&img, &b).expect("write");
+    let r3 = scan(&img, &st).code(1);
+    assert!(
+        infected(&r3).contains("/notes.txt"),
+        "changed file was skipped: {}",
+        r3.stdout
+    );
+    assert_eq!(r3.json()["counts"]["unchanged"].as_u64(), Some(clean - 1));
+    // New rules invalidate the state: everything is matched again.
+    let rules = d.path().join("r.yar");
+    std::fs::write(
+        &rules,
+        format!("rule e {{ strings: $a = \"EICAR-STANDARD\" condition: $a }}"),
+    )
+    .expect("rules");
+    let r4 = scan(&img, &["--state", s(&state), "--rules", s(&rules)]).code(1);
+    assert_eq!(r4.json()["counts"]["unchanged"], 0);
+}
+
+#[test]
+fn scan_worker_limits_fail_only_the_scan_and_say_why() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    planted_tree(&src);
+    let img = mkext4(d.path(), &src, "fs.img", 40, &[]);
+    // The 64 MiB sparse file does not fit a worker held to 40 MiB: the worker dies, the
+    // volume is not scanned (worker_failed) and says why — never clean, never a hang.
+    let r = scan(&img, &["--worker-memory", "40"]).code(2);
+    let j = r.json();
+    assert_eq!(j["volumes"][0]["reason"], "worker_failed", "{}", r.stdout);
+    assert!(
+        j["volumes"][0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("memory allocation"),
+        "{}",
+        r.stdout
+    );
+    let src = d.path().join("src2");
+    write(&src, "/a.txt", EICAR.as_bytes());
+    let img = mkext4(d.path(), &src, "fs2.img", 8, &[]);
+    // Files over the size cap: too_large.
+    let r = scan(&img, &["--max-file-size", "10"]).code(2);
+    assert_eq!(
+        not_scanned(&r),
+        vec![("/a.txt".to_string(), "too_large".to_string())]
+    );
+}
+
+#[test]
+fn scan_with_signed_bundle_and_refuse_tampered_or_untrusted() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let data = d.path().join("server");
+    let rules = d.path().join("r.yar");
+    std::fs::write(
+        &rules,
+        "rule marker { strings: $a = \"BUNDLE-MARKER-42\" condition: $a }",
+    )
+    .expect("rules");
+    let bundle = d.path().join("bundle.json");
+    let r = run(tandem().args([
+        "scan",
+        "bundle",
+        "sign",
+        "--rules",
+        s(&rules),
+        "--bundle-version",
+        "3",
+        "--data",
+        s(&data),
+        "-o",
+        s(&bundle),
+    ]))
+    .ok();
+    let key = r.json()["public_key"]
+        .as_str()
+        .expect("public key")
+        .to_string();
+    let src = d.path().join("src");
+    write(&src, "/x.bin", b"...BUNDLE-MARKER-42...");
+    let img = mkext4(d.path(), &src, "fs.img", 8, &[]);
+    let r = scan(&img, &["--bundle", s(&bundle), "--trust", &key]).code(1);
+    assert_eq!(infected(&r), ["/x.bin".to_string()].into_iter().collect());
+    assert!(r.json()["rules"]["source"]
+        .as_str()
+        .unwrap_or("")
+        .contains("bundle v3"));
+    // Tampered payload.
+    let text = std::fs::read_to_string(&bundle).expect("read");
+    let t = d.path().join("tampered.json");
+    std::fs::write(&t, text.replace("BUNDLE-MARKER-42", "BUNDLE-MARKER-43")).expect("write");
+    let r = scan(&img, &["--bundle", s(&t), "--trust", &key]).code(3);
+    assert!(r.stderr.contains("rule bundle refused"), "{}", r.stderr);
+    // Signed by another server.
+    let other = d.path().join("other");
+    let r = run(tandem().args([
+        "scan",
+        "bundle",
+        "sign",
+        "--rules",
+        s(&rules),
+        "--bundle-version",
+        "1",
+        "--data",
+        s(&other),
+        "-o",
+        s(&t),
+    ]))
+    .ok();
+    assert_ne!(r.json()["public_key"].as_str(), Some(key.as_str()));
+    let r = scan(&img, &["--bundle", s(&t), "--trust", &key]).code(3);
+    assert!(r.stderr.contains("unknown key"), "{}", r.stderr);
+}
