@@ -1,12 +1,222 @@
-//! `tandem agent`.
+//! `tandem agent`: enroll this laptop, check in, run the agent, show status, and the
+//! lease gate.
 
-use crate::output::Global;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tandem_agent::checkin::{self, Outcome};
+use tandem_agent::identity::Identity;
+use tandem_agent::AgentDir;
+
+use crate::output::{print_json, Global};
 
 /// Arguments of `tandem agent`.
 #[derive(Debug, clap::Args)]
-pub struct AgentArgs {}
+pub struct AgentArgs {
+    /// The agent's directory (identity, state, keys, VM disks).
+    #[arg(
+        long,
+        env = "TANDEM_AGENT_DIR",
+        global = true,
+        default_value = "/var/lib/tandem-agent"
+    )]
+    dir: PathBuf,
+    /// Print one JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AgentCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AgentCommand {
+    /// Enroll this device with a one-time token from the administrator.
+    Enroll {
+        /// Server URL.
+        #[arg(long)]
+        server: String,
+        /// One-time enrollment token.
+        #[arg(long, env = "TANDEM_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Host name to report (default: /etc/hostname).
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Check in once now.
+    CheckIn,
+    /// Run the agent in the foreground: check in periodically until stopped.
+    Run {
+        /// Check in this often instead of the policy's interval (e.g. 30s).
+        #[arg(long)]
+        interval: Option<humantime::Duration>,
+    },
+    /// Show enrollment, lease (days left), last check-in and kill state.
+    Status,
+    /// The corporate VM's gate: exit 0 when the lease allows starting it, 1 when refused.
+    Lease {
+        /// Evaluate at this unix time instead of the clock (for tests and what-ifs).
+        #[arg(long, hide = true)]
+        now: Option<u64>,
+    },
+}
 
 /// Runs `tandem agent`.
-pub fn run(_args: AgentArgs, _global: &Global) -> anyhow::Result<u8> {
-    anyhow::bail!("`tandem agent` is not built yet")
+pub fn run(args: AgentArgs, _global: &Global) -> anyhow::Result<u8> {
+    crate::output::block_on(agent(args))?
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
+    let dir = AgentDir::new(&args.dir);
+    let json = args.json;
+    match args.command {
+        AgentCommand::Enroll {
+            server,
+            token,
+            hostname,
+        } => {
+            let host = hostname.unwrap_or_else(tandem_agent::identity::hostname);
+            let id = Identity::enroll(&dir, &server, &token, &host)
+                .await
+                .with_context(|| format!("enrolling with {server}"))?;
+            if json {
+                print_json(&id.info)?;
+            } else {
+                eprintln!(
+                    "tandem: enrolled; run `tandem agent check-in` (or start the service) to get a lease"
+                );
+                println!("{}", id.info.device);
+            }
+            Ok(crate::exit::SUCCESS)
+        }
+        AgentCommand::CheckIn => {
+            let outcome = checkin::checkin_once(&dir, &tandem_agent::kill::NoVms)
+                .await
+                .context("checking in")?;
+            report_outcome(json, &outcome)?;
+            Ok(crate::exit::SUCCESS)
+        }
+        AgentCommand::Run { interval } => {
+            Identity::load(&dir)?;
+            eprintln!("tandem: agent running on {}", args.dir.display());
+            checkin::run(
+                &dir,
+                &tandem_agent::kill::NoVms,
+                checkin::RunOptions {
+                    interval: interval.map(Into::into),
+                },
+                shutdown(),
+            )
+            .await?;
+            Ok(crate::exit::SUCCESS)
+        }
+        AgentCommand::Status => {
+            let s = tandem_agent::status::status(&dir, tandem_agent::now())?;
+            if json {
+                print_json(&s)?;
+            } else {
+                match (&s.device, s.killed) {
+                    (_, true) => {
+                        println!("device      killed (acknowledged: {})", s.kill_acknowledged)
+                    }
+                    (Some(d), false) => {
+                        println!("device      {d} ({})", s.user.as_deref().unwrap_or("?"))
+                    }
+                    (None, false) => println!("device      not enrolled"),
+                }
+                if let Some(server) = &s.server {
+                    println!("server      {server}");
+                }
+                match (&s.lease, &s.lease_refusal) {
+                    (Some(l), _) => println!("lease       {:.1} days left", l.days_left),
+                    (None, Some(why)) => println!("lease       {why}"),
+                    _ => {}
+                }
+                println!(
+                    "check-in    last success {}, last error {}",
+                    s.checkin
+                        .last_success
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "never".into()),
+                    s.checkin.last_error.as_deref().unwrap_or("none")
+                );
+            }
+            Ok(crate::exit::SUCCESS)
+        }
+        AgentCommand::Lease { now } => {
+            let now = now.unwrap_or_else(tandem_agent::now);
+            match tandem_agent::lease::check(&dir, now) {
+                Ok(s) => {
+                    if json {
+                        print_json(&serde_json::json!({"allowed": true, "lease": s}))?;
+                    } else {
+                        println!("allowed: {:.1} days left", s.days_left);
+                    }
+                    Ok(crate::exit::SUCCESS)
+                }
+                Err(e) => {
+                    if json {
+                        print_json(
+                            &serde_json::json!({"allowed": false, "reason": e.to_string()}),
+                        )?;
+                    } else {
+                        eprintln!("tandem: {e}");
+                    }
+                    Ok(crate::exit::FINDING)
+                }
+            }
+        }
+    }
+}
+
+fn report_outcome(json: bool, o: &Outcome) -> anyhow::Result<()> {
+    match o {
+        Outcome::Killed => {
+            if json {
+                print_json(&serde_json::json!({"killed": true}))?;
+            } else {
+                eprintln!("tandem: this device was killed by an administrator; corporate keys and data are erased");
+                println!("killed");
+            }
+        }
+        Outcome::Applied {
+            target,
+            lease,
+            hook_error,
+        } => {
+            if json {
+                print_json(&serde_json::json!({
+                    "killed": false,
+                    "target": target,
+                    "lease": lease,
+                    "hook_error": hook_error,
+                }))?;
+            } else {
+                match lease {
+                    Some(l) => println!(
+                        "checked in; lease until {}",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(l.not_after)
+                        )
+                    ),
+                    None => println!("checked in; no lease issued"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,12 +1,99 @@
-//! `tandem server`.
+//! `tandem server`: run the management server; `tandem server bench-checkin` (hidden) is
+//! the load generator of `bench/checkin/`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
 
 use crate::output::Global;
 
+mod bench;
+
 /// Arguments of `tandem server`.
 #[derive(Debug, clap::Args)]
-pub struct ServerArgs {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerArgs {
+    /// Data directory: keys, SQLite database, chunk store.
+    #[arg(
+        long,
+        env = "TANDEM_SERVER_DATA",
+        default_value = "/var/lib/tandem-server"
+    )]
+    data: PathBuf,
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Metadata database: `postgres://user@host:port/db` (default: SQLite in the data dir).
+    #[arg(long, env = "TANDEM_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
+    /// Also write the bound URL to this file once listening (for scripts).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ServerCommand {
+    /// Load generator: N simulated devices checking in concurrently (bench/checkin).
+    #[command(hide = true)]
+    BenchCheckin(bench::BenchArgs),
+}
 
 /// Runs `tandem server`.
-pub fn run(_args: ServerArgs, _global: &Global) -> anyhow::Result<u8> {
-    anyhow::bail!("`tandem server` is not built yet")
+pub fn run(args: ServerArgs, global: &Global) -> anyhow::Result<u8> {
+    if let Some(ServerCommand::BenchCheckin(b)) = args.command {
+        return bench::run(b, global);
+    }
+    crate::output::block_on(serve(args))?
+}
+
+async fn serve(args: ServerArgs) -> anyhow::Result<u8> {
+    let database = args
+        .database
+        .as_deref()
+        .map(tandem_db::DatabaseUrl::parse)
+        .transpose()?;
+    let server = tandem_server::Server::open(tandem_server::ServerConfig {
+        data_dir: args.data.clone(),
+        database,
+    })
+    .await
+    .with_context(|| format!("starting the server with data in {}", args.data.display()))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    if let Some(token) = &server.first_admin_token {
+        eprintln!(
+            "tandem: first start: created the admin credential below. It is shown only once; \
+             store it safely (pass it as --token or TANDEM_ADMIN_TOKEN to `tandem admin`)."
+        );
+        println!("admin token: {}", token.0);
+    }
+    println!("listening on {url}");
+    if let Some(f) = &args.ready_file {
+        std::fs::write(f, format!("{url}\n"))
+            .with_context(|| format!("writing {}", f.display()))?;
+    }
+    tracing::info!(%addr, "server listening");
+    tandem_server::serve(server, listener, shutdown_signal()).await?;
+    eprintln!("tandem: server stopped");
+    Ok(crate::exit::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

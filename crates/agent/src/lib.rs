@@ -1,3 +1,88 @@
-//! Tandem laptop agent: identity, check-in, lease and kill gate, image sync, VM orchestration, local UI
+//! Tandem laptop agent: the device's identity, check-in with the server, the lease gate
+//! the corporate VM start calls, and kill execution — all working offline on what the
+//! device last received.
+//!
+//! Directory layout (`<dir>`, default `/var/lib/tandem-agent`):
+//! - `identity/`: device key (`device.key`, 0600) and `identity.json` (device id, user,
+//!   server URL, pinned server keys) — see [`identity`];
+//! - `state/`: `target.json` (last signed target state), `lease.json` (signed lease),
+//!   `clock.json` (trusted-time high-water mark), `checkin.json`, `killed.json`;
+//! - `store/` + `keys/store.key`: the encrypted chunk store and its data key (image sync);
+//! - `keys/`: every piece of corporate key material — a kill shreds this whole tree;
+//! - `corporate/`, `personal/`, `vms/`: VM disks and supervisor state (VM orchestration).
+//!
+//! Every state file is JSON with a `format` tag (`tandem-<name>-v1`) as magic and
+//! version; a file with another tag is refused. Every signed artifact is verified against
+//! the server key pinned for its kind on every read, not only on arrival.
+//!
+//! Module map: [`identity`] (enroll, load, request signing), [`checkin`] (one check-in,
+//! the run loop, [`checkin::Hooks`] for image sync and the VM supervisor), [`lease`] (the
+//! gate), [`kill`] (crypto-erase, [`kill::CorporateVms`]), [`status`].
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod checkin;
+pub mod client;
+pub mod fsutil;
+pub mod identity;
+pub mod kill;
+pub mod lease;
+pub mod status;
+
+use std::path::{Path, PathBuf};
+
+/// The agent's directory and the fixed places inside it.
+#[derive(Debug, Clone)]
+pub struct AgentDir {
+    root: PathBuf,
+}
+
+impl AgentDir {
+    /// Wraps a directory (created on demand by writers).
+    pub fn new(root: impl AsRef<Path>) -> Self {
+        AgentDir {
+            root: root.as_ref().to_path_buf(),
+        }
+    }
+    /// The root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `identity/`.
+    pub fn identity(&self) -> PathBuf {
+        self.root.join("identity")
+    }
+    /// `state/`.
+    pub fn state(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    /// `keys/`: all corporate key material.
+    pub fn keys(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+    /// `store/`: the encrypted chunk store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+    /// `corporate/`: corporate VM disks.
+    pub fn corporate(&self) -> PathBuf {
+        self.root.join("corporate")
+    }
+    /// `personal/`: the personal VM.
+    pub fn personal(&self) -> PathBuf {
+        self.root.join("personal")
+    }
+    /// `vms/`: VM supervisor state.
+    pub fn vms(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+}
+
+/// Unix seconds by the device clock.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tandem_proto::{PublicKey, SigningKey};
+use tandem_proto::SigningKey;
 
 /// Reading or creating a key file failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,18 +41,8 @@ pub struct ServerKeys {
     pub rules: SigningKey,
 }
 
-/// The public halves a device pins at enrollment.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct PinnedKeys {
-    /// Verifies manifests.
-    pub image: PublicKey,
-    /// Verifies target states and leases.
-    pub state: PublicKey,
-    /// Verifies kill orders.
-    pub kill: PublicKey,
-    /// Verifies scan rule bundles.
-    pub rules: PublicKey,
-}
+/// The public halves a device pins at enrollment (shared with the agent).
+pub use tandem_proto::fleet::PinnedKeys;
 
 impl ServerKeys {
     /// Loads the keys under `data_dir/keys`, creating any that do not exist yet.
@@ -134,7 +124,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         ServerKeys::load_or_create(dir.path()).expect("create");
         std::fs::write(dir.path().join("keys/state-signing.key"), "garbage").expect("write");
-        let err = ServerKeys::load_or_create(dir.path()).unwrap_err();
+        let err = ServerKeys::load_or_create(dir.path()).expect_err("damaged key must fail");
         assert!(err.to_string().contains("damaged"), "{err}");
     }
 }

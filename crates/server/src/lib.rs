@@ -1,7 +1,286 @@
-//! Tandem management server: fleet API, image serving, admin web UI.
+//! Tandem management server: the fleet API (enrollment, check-in, signed target states,
+//! leases, kill orders, audit), image serving, and the admin API.
+//!
+//! Layout of the data directory:
+//! - `keys/`: the server's signing keys ([`keys::ServerKeys`]), one per power;
+//! - `tandem.db`: the SQLite metadata database, unless `--database postgres://…`;
+//! - `store/`, `images/`: the chunk store and image catalog (images module).
+//!
+//! Request flow: every route except `/v1/enroll`, `/v1/health` and `/v1/keys` passes
+//! [`auth::authenticate`], which turns an admin bearer token or a device signature into
+//! an [`auth::Caller`] in the request extensions. Handlers return [`error::ApiError`],
+//! whose body is `tandem_proto::api::ApiErrorBody`.
+//!
+//! Invariants:
+//! - a killed device is refused on every request and never gets a lease again;
+//! - a device only ever reads its own records;
+//! - every admin change and every device event is appended to the audit log;
+//! - the first start creates one admin credential, returned once and stored hashed.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod fleet;
 pub mod images;
 pub mod keys;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+use tandem_db::{DatabaseUrl, Db, NewAudit};
+use tandem_proto::fleet::DeviceId;
+
+/// How to start the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory (keys, SQLite file, chunk store).
+    pub data_dir: PathBuf,
+    /// Metadata database; `None` means SQLite at `<data>/tandem.db`.
+    pub database: Option<DatabaseUrl>,
+}
+
+/// Starting the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key file could not be read or created.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// The metadata database could not be opened or migrated.
+    #[error(transparent)]
+    Db(#[from] tandem_db::DbError),
+    /// The image store could not be opened.
+    #[error(transparent)]
+    Images(#[from] images::ImageServiceError),
+    /// Serving HTTP failed.
+    #[error("http server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The admin credential created at first start. `Debug` hides it.
+pub struct AdminToken(pub String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(****)")
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Metadata.
+    pub db: Arc<dyn Db>,
+    /// Signing keys.
+    pub keys: Arc<keys::ServerKeys>,
+    /// Recently seen request nonces.
+    pub nonces: Arc<auth::NonceCache>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Which image versions each device may read (the image routes' authorization).
+    pub access: Arc<FleetAccess>,
+}
+
+/// Image authorization from the fleet's assignments: a device may read exactly the
+/// corporate and personal versions assigned to its user; admins read everything. The
+/// authentication middleware refreshes a device's entry from the database on every
+/// image request, so an assignment change takes effect at the next request.
+#[derive(Debug, Default)]
+pub struct FleetAccess {
+    assigned: std::sync::Mutex<std::collections::HashMap<String, tandem_proto::fleet::Assignments>>,
+}
+
+impl FleetAccess {
+    /// Records what `device` may read.
+    pub fn set(&self, device: DeviceId, a: tandem_proto::fleet::Assignments) {
+        self.assigned
+            .lock()
+            .expect("access lock poisoned")
+            .insert(device.to_string(), a);
+    }
+}
+
+impl images::ImageAccess for FleetAccess {
+    fn may_read(&self, caller: &images::Caller, image: &str, version: u64) -> bool {
+        match caller {
+            images::Caller::Admin => true,
+            images::Caller::Device(id) => {
+                let map = self.assigned.lock().expect("access lock poisoned");
+                map.get(id).is_some_and(|a| {
+                    [&a.corporate, &a.personal]
+                        .into_iter()
+                        .flatten()
+                        .any(|r| r.image == image && r.version == version)
+                })
+            }
+        }
+    }
+}
+
+/// An opened server, ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    /// Shared state.
+    pub state: AppState,
+    /// Set on the first start only: print it once for the administrator.
+    pub first_admin_token: Option<AdminToken>,
+}
+
+impl Server {
+    /// Creates the data directory and keys, opens and migrates the database, and creates
+    /// the first admin credential when there is none.
+    pub async fn open(config: ServerConfig) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let keys = keys::ServerKeys::load_or_create(&config.data_dir)?;
+        let url = config
+            .database
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::Sqlite(config.data_dir.join("tandem.db")));
+        let db = tandem_db::open(&url).await?;
+        tracing::info!(database = %url, backend = db.backend(), "metadata database open");
+        let state = AppState {
+            db,
+            keys: Arc::new(keys),
+            nonces: Arc::new(auth::NonceCache::default()),
+            data_dir: config.data_dir,
+            access: Arc::new(FleetAccess::default()),
+        };
+        let first_admin_token = bootstrap_admin(&state).await?;
+        Ok(Server {
+            state,
+            first_admin_token,
+        })
+    }
+}
+
+async fn bootstrap_admin(state: &AppState) -> Result<Option<AdminToken>, ServerError> {
+    if state.db.admin_count().await? > 0 {
+        return Ok(None);
+    }
+    let token = auth::new_secret("tdm-admin-");
+    match state
+        .db
+        .add_admin("admin", &auth::hash_secret(&token), now())
+        .await
+    {
+        Ok(()) => {}
+        // Another replica created it first.
+        Err(tandem_db::DbError::Conflict { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    audit(
+        state,
+        "server",
+        "admin.created",
+        None,
+        None,
+        serde_json::json!({"admin": "admin"}),
+    )
+    .await;
+    Ok(Some(AdminToken(token)))
+}
+
+/// The fleet API. `extra` routes (e.g. image serving) are mounted behind the same
+/// authentication.
+pub fn router_with(state: AppState, extra: Router) -> Router {
+    let authed = Router::new()
+        .route("/v1/checkin", post(fleet::checkin))
+        .route("/v1/kill-ack", post(fleet::kill_ack))
+        .route("/v1/devices/{id}", get(fleet::device_record))
+        .route("/v1/admin/whoami", get(admin::whoami))
+        .route(
+            "/v1/admin/users",
+            post(admin::create_user).get(admin::list_users),
+        )
+        .route("/v1/admin/tokens", post(admin::create_token))
+        .route("/v1/admin/devices", get(admin::list_devices))
+        .route("/v1/admin/devices/{id}/kill", post(admin::kill_device))
+        .route("/v1/admin/assign", post(admin::assign))
+        .route("/v1/admin/policies", get(admin::list_policies))
+        .route("/v1/admin/policies/{name}", put(admin::set_policy))
+        .route("/v1/admin/audit", get(admin::read_audit))
+        .route("/v1/enroll", post(fleet::enroll))
+        .route("/v1/health", get(|| async { "ok" }))
+        .route("/v1/keys", get(server_keys))
+        .with_state(state.clone());
+    authed
+        .merge(extra)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            auth::authenticate,
+        ))
+}
+
+/// The fleet API alone.
+pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+async fn server_keys(
+    axum::extract::State(st): axum::extract::State<AppState>,
+) -> axum::Json<tandem_proto::fleet::PinnedKeys> {
+    axum::Json(st.keys.pinned())
+}
+
+/// Serves `server` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    server: Server,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let access: Arc<dyn images::ImageAccess> = server.state.access.clone();
+    let service = images::ImageService::open(&server.state.data_dir, access)?;
+    let app = router_with(server.state, images::routes(service));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServerError::Serve)
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Appends to the audit log. An audit failure is logged as an error but does not undo
+/// the action it describes (which already happened).
+pub async fn audit(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    device: Option<DeviceId>,
+    reason: Option<String>,
+    detail: serde_json::Value,
+) {
+    let entry = NewAudit {
+        at: now(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        device,
+        reason,
+        detail,
+    };
+    if let Err(e) = state.db.append_audit(entry).await {
+        tracing::error!(error = %e, action, "audit log write failed");
+    }
+}

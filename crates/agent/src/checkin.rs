@@ -1,0 +1,395 @@
+//! One check-in, and the loop that repeats it with jitter and backoff.
+//!
+//! A check-in sends the device's status, receives a [`TargetState`] signed by the
+//! server's state key, verifies it against the pinned key and this device's id, raises
+//! the trusted-time high-water mark to the server's signing time, stores the lease and
+//! the target state, executes a kill order (verified with the pinned kill key) if there
+//! is one, and hands the target to the [`Hooks`] (image pulls, VM policy).
+//!
+//! Files: `<dir>/state/target.json` (`tandem-target-v1`, the signed envelope as
+//! received), `<dir>/state/lease.json` (`tandem-lease-v1`), `<dir>/state/checkin.json`
+//! (`tandem-checkin-v1`: last success, last error).
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_proto::fleet::{
+    self, CheckinRequest, CheckinResponse, DeviceId, KillAckRequest, KillOrder, Lease, TargetState,
+};
+
+use crate::client::{self, ClientError};
+use crate::fsutil::{self, FileError};
+use crate::identity::{Identity, IdentityError};
+use crate::kill::{self, CorporateVms, KillError};
+use crate::lease::{self, StoredLease};
+use crate::AgentDir;
+
+const TARGET_FORMAT: &str = "tandem-target-v1";
+const CHECKIN_FORMAT: &str = "tandem-checkin-v1";
+
+/// What the rest of the agent contributes to a check-in. The VM supervisor and the image
+/// sync implement it; every method has a do-nothing default.
+pub trait Hooks: CorporateVms {
+    /// Fills in images held, VM states and last backup.
+    fn status(&self, _report: &mut CheckinRequest) {}
+    /// Acts on a verified target state: pull newly assigned image versions (image sync),
+    /// pass policy and device controls to the VM specs. Errors are logged and retried at
+    /// the next check-in; they never undo the lease.
+    fn apply_target(&self, _target: &TargetState) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl Hooks for kill::NoVms {}
+
+/// A check-in failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckinError {
+    /// Not enrolled, or identity damaged.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The server could not be reached or refused.
+    #[error("check-in failed: {0}")]
+    Client(#[from] ClientError),
+    /// The target state, lease or kill order does not verify with the pinned keys.
+    #[error("check-in refused the server's answer: the {what} is forged or altered ({source})")]
+    Forged {
+        /// Which artifact.
+        what: &'static str,
+        /// Why.
+        source: tandem_proto::SignError,
+    },
+    /// A signed artifact names another device.
+    #[error(
+        "check-in refused the server's answer: the {what} is for device {device}, not this one"
+    )]
+    WrongDevice {
+        /// Which artifact.
+        what: &'static str,
+        /// The device it names.
+        device: DeviceId,
+    },
+    /// The target state is older than the one we hold (a replay).
+    #[error("check-in refused the server's answer: target state from {got} is older than the one held ({held})")]
+    Stale {
+        /// Its signing time.
+        got: u64,
+        /// The held one's.
+        held: u64,
+    },
+    /// Executing a kill failed.
+    #[error(transparent)]
+    Kill(#[from] KillError),
+    /// A state file failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+impl CheckinError {
+    /// Whether retrying soon can help.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, CheckinError::Client(c) if c.is_temporary())
+    }
+}
+
+/// The result of one check-in.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The target state was applied.
+    Applied {
+        /// The verified target.
+        target: Box<TargetState>,
+        /// The verified lease, if one was issued.
+        lease: Option<Lease>,
+        /// Error from [`Hooks::apply_target`], if any.
+        hook_error: Option<String>,
+    },
+    /// The device executed a kill and the server has the acknowledgement.
+    Killed,
+}
+
+/// When the last check-in succeeded or failed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckinLog {
+    /// Last successful check-in (device clock).
+    pub last_success: Option<u64>,
+    /// Last attempt.
+    pub last_attempt: Option<u64>,
+    /// The error of the last attempt, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// Reads the check-in log.
+pub fn log(dir: &AgentDir) -> Result<CheckinLog, FileError> {
+    Ok(fsutil::read_state(&dir.state().join("checkin.json"), CHECKIN_FORMAT)?.unwrap_or_default())
+}
+
+fn write_log(dir: &AgentDir, l: &CheckinLog) -> Result<(), FileError> {
+    fsutil::write_state(&dir.state().join("checkin.json"), CHECKIN_FORMAT, l)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredTarget {
+    target: tandem_proto::Signed,
+}
+
+/// The last verified target state, if any (re-verified on read).
+pub fn current_target(dir: &AgentDir) -> Result<Option<TargetState>, CheckinError> {
+    let Some(stored) =
+        fsutil::read_state::<StoredTarget>(&dir.state().join("target.json"), TARGET_FORMAT)?
+    else {
+        return Ok(None);
+    };
+    let id = Identity::load(dir)?;
+    verify_target(&id, &stored.target).map(Some)
+}
+
+fn verify_target(id: &Identity, env: &tandem_proto::Signed) -> Result<TargetState, CheckinError> {
+    let t: TargetState = env
+        .verify(
+            fleet::KIND_TARGET_STATE,
+            std::slice::from_ref(&id.info.keys.state),
+        )
+        .map_err(|source| CheckinError::Forged {
+            what: "target state",
+            source,
+        })?;
+    if t.device != id.info.device {
+        return Err(CheckinError::WrongDevice {
+            what: "target state",
+            device: t.device,
+        });
+    }
+    Ok(t)
+}
+
+/// Applies a signed target state received from the server: verification, high-water
+/// mark, lease, kill. Public so tests can feed it hostile input directly.
+pub async fn apply(
+    dir: &AgentDir,
+    id: &Identity,
+    http: &reqwest::Client,
+    env: &tandem_proto::Signed,
+    hooks: &dyn Hooks,
+) -> Result<Outcome, CheckinError> {
+    let target = verify_target(id, env)?;
+    if let Some(held) =
+        fsutil::read_state::<StoredTarget>(&dir.state().join("target.json"), TARGET_FORMAT)?
+            .and_then(|s| verify_target(id, &s.target).ok())
+    {
+        if target.issued_at < held.issued_at {
+            return Err(CheckinError::Stale {
+                got: target.issued_at,
+                held: held.issued_at,
+            });
+        }
+    }
+    lease::raise_high_water(dir, target.issued_at)?;
+    if let Some(k) = &target.kill {
+        let order: KillOrder = k
+            .verify(
+                fleet::KIND_KILL_ORDER,
+                std::slice::from_ref(&id.info.keys.kill),
+            )
+            .map_err(|source| CheckinError::Forged {
+                what: "kill order",
+                source,
+            })?;
+        if order.device != id.info.device {
+            return Err(CheckinError::WrongDevice {
+                what: "kill order",
+                device: order.device,
+            });
+        }
+        let ack = kill::execute(dir, id, &order, hooks)?;
+        send_ack(dir, id, http, ack).await?;
+        return Ok(Outcome::Killed);
+    }
+    let lease = match &target.lease {
+        Some(l) => {
+            let lease: Lease = l
+                .verify(fleet::KIND_LEASE, std::slice::from_ref(&id.info.keys.state))
+                .map_err(|source| CheckinError::Forged {
+                    what: "lease",
+                    source,
+                })?;
+            if lease.device != id.info.device {
+                return Err(CheckinError::WrongDevice {
+                    what: "lease",
+                    device: lease.device,
+                });
+            }
+            fsutil::write_state(
+                &dir.state().join("lease.json"),
+                lease::LEASE_FORMAT,
+                &StoredLease { lease: l.clone() },
+            )?;
+            Some(lease)
+        }
+        None => None,
+    };
+    fsutil::write_state(
+        &dir.state().join("target.json"),
+        TARGET_FORMAT,
+        &StoredTarget {
+            target: env.clone(),
+        },
+    )?;
+    let hook_error = hooks.apply_target(&target).err();
+    if let Some(e) = &hook_error {
+        tracing::warn!(
+            error = e,
+            "applying the target state failed; retrying at next check-in"
+        );
+    }
+    Ok(Outcome::Applied {
+        target: Box::new(target),
+        lease,
+        hook_error,
+    })
+}
+
+async fn send_ack(
+    dir: &AgentDir,
+    id: &Identity,
+    http: &reqwest::Client,
+    ack: tandem_proto::Signed,
+) -> Result<(), CheckinError> {
+    let res: Result<serde_json::Value, ClientError> = client::signed(
+        http,
+        id,
+        reqwest::Method::POST,
+        "/v1/kill-ack",
+        Some(&KillAckRequest { ack }),
+    )
+    .await;
+    match res {
+        Ok(_) => {}
+        // Accepted earlier, answer lost: the server already refuses us as killed.
+        Err(e) if e.code() == Some("device_killed") => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(mut rec) = kill::record(dir)? {
+        rec.acknowledged = true;
+        kill::save_record(dir, &rec)?;
+    }
+    Identity::destroy_key(dir)?;
+    tracing::warn!("kill acknowledged by the server; device key destroyed");
+    Ok(())
+}
+
+/// One check-in now.
+pub async fn checkin_once(dir: &AgentDir, hooks: &dyn Hooks) -> Result<Outcome, CheckinError> {
+    let http = client::http()?;
+    if let Some(rec) = kill::record(dir)? {
+        if rec.acknowledged {
+            return Ok(Outcome::Killed);
+        }
+        // A kill was interrupted (crash or network): finish it, then acknowledge.
+        let id = Identity::load(dir)?;
+        let ack = match rec.ack {
+            Some(a) => a,
+            None => kill::execute(dir, &id, &rec.order, hooks)?,
+        };
+        send_ack(dir, &id, &http, ack).await?;
+        return Ok(Outcome::Killed);
+    }
+    let id = Identity::load(dir)?;
+    let now = crate::now();
+    let mut report = CheckinRequest {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        clock: now,
+        ..Default::default()
+    };
+    hooks.status(&mut report);
+    let mut log_entry = log(dir)?;
+    log_entry.last_attempt = Some(now);
+    let res: Result<CheckinResponse, ClientError> = client::signed(
+        &http,
+        &id,
+        reqwest::Method::POST,
+        "/v1/checkin",
+        Some(&report),
+    )
+    .await;
+    let result = match res {
+        Ok(resp) => apply(dir, &id, &http, &resp.target, hooks).await,
+        Err(e) => Err(e.into()),
+    };
+    match &result {
+        Ok(_) => {
+            log_entry.last_success = Some(now);
+            log_entry.last_error = None;
+        }
+        Err(e) => log_entry.last_error = Some(e.to_string()),
+    }
+    if !matches!(result, Ok(Outcome::Killed)) {
+        write_log(dir, &log_entry)?;
+    }
+    result
+}
+
+/// Options of the check-in loop.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Check in this often instead of the policy's interval.
+    pub interval: Option<Duration>,
+}
+
+/// Checks in until `shutdown` resolves or the device is killed: at the policy interval
+/// (±10 % jitter so a fleet does not call in lockstep), backing off exponentially from
+/// 5 s on temporary failures. Offline, the agent keeps running on its current lease.
+pub async fn run(
+    dir: &AgentDir,
+    hooks: &dyn Hooks,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CheckinError> {
+    tokio::pin!(shutdown);
+    let mut failures: u32 = 0;
+    let mut interval = opts.interval.unwrap_or(Duration::from_secs(3600));
+    loop {
+        let wait = match checkin_once(dir, hooks).await {
+            Ok(Outcome::Killed) => {
+                tracing::warn!("device killed; agent stops");
+                return Ok(());
+            }
+            Ok(Outcome::Applied { target, lease, .. }) => {
+                failures = 0;
+                if opts.interval.is_none() {
+                    interval =
+                        Duration::from_secs(u64::from(target.policy.checkin_interval_mins) * 60);
+                }
+                tracing::info!(
+                    not_after = lease.as_ref().map(|l| l.not_after),
+                    next_secs = interval.as_secs(),
+                    "checked in"
+                );
+                jitter(interval)
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let lease = lease::check(dir, crate::now());
+                tracing::warn!(error = %e, temporary = e.is_temporary(), lease_ok = lease.is_ok(), "check-in failed; working offline on the current lease");
+                if e.is_temporary() {
+                    let backoff = Duration::from_secs(5)
+                        .saturating_mul(2u32.saturating_pow(failures.min(16) - 1))
+                        .min(interval);
+                    jitter(backoff)
+                } else {
+                    jitter(interval)
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    let f: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.9..1.1);
+    d.mul_f64(f)
+}

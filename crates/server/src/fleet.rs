@@ -1,0 +1,298 @@
+//! Device endpoints: enrollment, check-in with the signed target state, kill
+//! acknowledgement, and a device's own record.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::Json;
+use tandem_db::DeviceRow;
+use tandem_proto::fleet::{
+    self, CheckinRequest, CheckinResponse, DeviceId, DeviceInfo, DeviceStatus, EnrollRequest,
+    EnrollResponse, KillAck, KillAckRequest, KillOrder, Lease, Policy, TargetState,
+};
+
+use crate::auth::{Caller, Device};
+use crate::error::{parse_json, ApiError, InternalError};
+use crate::{audit, now, AppState};
+
+const MAX_HOSTNAME: usize = 255;
+
+/// `POST /v1/enroll`.
+pub async fn enroll(
+    State(st): State<AppState>,
+    body: Bytes,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let req: EnrollRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
+    if req.hostname.is_empty() || req.hostname.len() > MAX_HOSTNAME {
+        return Err(ApiError::BadRequest(format!(
+            "hostname must be 1 to {MAX_HOSTNAME} bytes"
+        )));
+    }
+    let now = now();
+    let row = DeviceRow {
+        id: DeviceId::generate(),
+        user: String::new(),
+        public_key: req.device_key.clone(),
+        hostname: req.hostname.clone(),
+        status: DeviceStatus::Active,
+        enrolled_at: now,
+        last_checkin: None,
+        last_report: None,
+        lease_not_after: None,
+        kill_actor: None,
+        kill_reason: None,
+        kill_ordered_at: None,
+        killed_at: None,
+        kill_ack: None,
+    };
+    let user = match st
+        .db
+        .enroll(&crate::auth::hash_secret(&req.token), &row, now)
+        .await
+    {
+        Ok(user) => user,
+        Err(tandem_db::DbError::Token(why)) => {
+            audit(
+                &st,
+                "server",
+                "enroll.refused",
+                None,
+                None,
+                serde_json::json!({"why": why.to_string(), "hostname": req.hostname}),
+            )
+            .await;
+            return Err(tandem_db::DbError::Token(why).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(device = %row.id, user, "device enrolled");
+    audit(
+        &st,
+        &format!("device:{}", row.id),
+        "device.enrolled",
+        Some(row.id),
+        None,
+        serde_json::json!({"user": user, "hostname": req.hostname, "key": req.device_key.id()}),
+    )
+    .await;
+    Ok(Json(EnrollResponse {
+        device: row.id,
+        user,
+        keys: st.keys.pinned(),
+    }))
+}
+
+/// The policy in force for a user: by name, falling back to defaults for an empty body.
+pub(crate) async fn policy_of(st: &AppState, name: &str) -> Result<Policy, ApiError> {
+    let json = st
+        .db
+        .policy(name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("policy {name} not found")))?;
+    serde_json::from_str(&json).map_err(|source| {
+        ApiError::Internal(InternalError::Stored {
+            what: "policy",
+            source,
+        })
+    })
+}
+
+/// `POST /v1/checkin`.
+pub async fn checkin(
+    State(st): State<AppState>,
+    Device(dev): Device,
+    body: Bytes,
+) -> Result<Json<CheckinResponse>, ApiError> {
+    let report: CheckinRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
+    let now = now();
+    let user = st
+        .db
+        .user(&dev.user)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("user {} not found", dev.user)))?;
+    let policy = policy_of(&st, &user.policy).await?;
+    let (lease, kill, not_after) = match dev.status {
+        DeviceStatus::Active => {
+            let not_after = now + u64::from(policy.lease_days) * 86_400;
+            let lease = Lease {
+                device: dev.id,
+                issued_at: now,
+                not_after,
+                policy_hash: policy.hash(),
+            };
+            (
+                Some(st.keys.state.sign(fleet::KIND_LEASE, &lease)),
+                None,
+                Some(not_after),
+            )
+        }
+        DeviceStatus::KillPending => {
+            let order = KillOrder {
+                device: dev.id,
+                ordered_at: dev.kill_ordered_at.unwrap_or(now),
+                actor: dev.kill_actor.clone().unwrap_or_default(),
+                reason: dev.kill_reason.clone().unwrap_or_default(),
+            };
+            (
+                None,
+                Some(st.keys.kill.sign(fleet::KIND_KILL_ORDER, &order)),
+                None,
+            )
+        }
+        DeviceStatus::Killed => {
+            return Err(ApiError::Forbidden {
+                code: "device_killed",
+                message: "this device was killed".into(),
+            })
+        }
+    };
+    let target = TargetState {
+        device: dev.id,
+        issued_at: now,
+        assignments: fleet::Assignments {
+            corporate: user.corporate.clone(),
+            personal: user.personal.clone(),
+        },
+        policy_name: user.policy.clone(),
+        policy,
+        lease,
+        kill: kill.clone(),
+        rules_version: None,
+    };
+    let report_json = serde_json::to_string(&report).expect("serializing plain data cannot fail");
+    st.db
+        .record_checkin(dev.id, now, &report_json, not_after)
+        .await?;
+    let actor = format!("device:{}", dev.id);
+    audit(
+        &st,
+        &actor,
+        "device.checked-in",
+        Some(dev.id),
+        None,
+        serde_json::json!({
+            "agent_version": report.agent_version,
+            "clock_skew": report.clock as i64 - now as i64,
+            "lease_not_after": not_after,
+        }),
+    )
+    .await;
+    if kill.is_some() {
+        audit(
+            &st,
+            &actor,
+            "lease.refused",
+            Some(dev.id),
+            None,
+            serde_json::json!({"why": "kill ordered; kill order delivered"}),
+        )
+        .await;
+    }
+    tracing::debug!(device = %dev.id, not_after, "check-in");
+    Ok(Json(CheckinResponse {
+        target: st.keys.state.sign(fleet::KIND_TARGET_STATE, &target),
+    }))
+}
+
+/// `POST /v1/kill-ack`.
+pub async fn kill_ack(
+    State(st): State<AppState>,
+    Device(dev): Device,
+    body: Bytes,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let req: KillAckRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
+    let ack: KillAck = req
+        .ack
+        .verify(fleet::KIND_KILL_ACK, std::slice::from_ref(&dev.public_key))
+        .map_err(|e| ApiError::BadRequest(format!("kill acknowledgement refused: {e}")))?;
+    if ack.device != dev.id {
+        return Err(ApiError::BadRequest(
+            "kill acknowledgement names another device".into(),
+        ));
+    }
+    if dev.status != DeviceStatus::KillPending {
+        return Err(ApiError::Conflict(format!(
+            "device {} has no pending kill (status {})",
+            dev.id, dev.status
+        )));
+    }
+    if Some(ack.ordered_at) != dev.kill_ordered_at {
+        return Err(ApiError::BadRequest(
+            "kill acknowledgement is for another kill order".into(),
+        ));
+    }
+    let now = now();
+    let ack_json = serde_json::to_string(&req.ack).expect("serializing plain data cannot fail");
+    st.db.complete_kill(dev.id, &ack_json, now).await?;
+    tracing::warn!(device = %dev.id, "kill executed and acknowledged");
+    audit(
+        &st,
+        &format!("device:{}", dev.id),
+        "device.kill-executed",
+        Some(dev.id),
+        dev.kill_reason.clone(),
+        serde_json::to_value(&ack).expect("serializing plain data cannot fail"),
+    )
+    .await;
+    let row = st
+        .db
+        .device(dev.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("device {}", dev.id)))?;
+    Ok(Json(device_info(&row, now)))
+}
+
+/// `GET /v1/devices/{id}`: a device reads its own record; an admin reads any.
+pub async fn device_record(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let id: DeviceId = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("malformed device id {id:?}")))?;
+    if let Caller::Device { id: me, .. } = &caller {
+        if *me != id {
+            audit(
+                &st,
+                &caller.actor(),
+                "device.forbidden",
+                Some(*me),
+                None,
+                serde_json::json!({"asked_for": id}),
+            )
+            .await;
+            return Err(ApiError::Forbidden {
+                code: "not_yours",
+                message: "a device may only read its own record".into(),
+            });
+        }
+    }
+    let row = st
+        .db
+        .device(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("device {id} not found")))?;
+    Ok(Json(device_info(&row, now())))
+}
+
+/// The admin's view of a device row.
+pub fn device_info(row: &DeviceRow, now: u64) -> DeviceInfo {
+    DeviceInfo {
+        id: row.id,
+        user: row.user.clone(),
+        hostname: row.hostname.clone(),
+        status: row.status,
+        enrolled_at: row.enrolled_at,
+        last_checkin: row.last_checkin,
+        lease_not_after: row.lease_not_after,
+        lease_secs_left: row
+            .lease_not_after
+            .map(|n| n.saturating_sub(now))
+            .unwrap_or(0),
+        last_report: row
+            .last_report
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok()),
+        kill_reason: row.kill_reason.clone(),
+    }
+}
