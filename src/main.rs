@@ -29,6 +29,8 @@ enum Command {
     Guest(cmd::guest::GuestArgs),
     /// Run, start, stop and inspect QEMU virtual machines.
     Vm(cmd::vm::VmArgs),
+    /// The laptop's corporate and personal desktops.
+    Desktop(cmd::desktop::DesktopArgs),
     /// Publish, pull, list and serve gold image versions.
     Image(cmd::image::ImageArgs),
     /// Check and garbage-collect a chunk store.
@@ -62,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a, &global),
         Command::Guest(a) => cmd::guest::run(a, &global),
         Command::Vm(a) => cmd::vm::run(a, &global),
+        Command::Desktop(a) => cmd::desktop::run(a, &global),
         Command::Image(a) => cmd::image::run(a, &global),
         Command::Store(a) => cmd::store::run(a, &global),
         Command::Server(a) => cmd::server::run(a, &global),

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agent;
 pub mod demo;
+pub mod desktop;
 pub mod guest;
 pub mod image;
 pub mod scan;

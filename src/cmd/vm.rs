@@ -11,6 +11,7 @@ use tandem_vm::{
     Accel, Boot, DeviceControls, DiskFormat, DiskSpec, Exit, Network, Serial, Vm, VmSpec, Vnc,
 };
 
+use crate::cmd::desktop::{recovery as desktop_recovery, RecoveryAction};
 use crate::exit;
 use crate::output::{print_json, Global};
 
@@ -275,6 +276,41 @@ enum VmCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Take a recovery point of the personal desktop.
+    Snapshot {
+        /// The desktop (personal).
+        desktop: tandem_desktop::Desktop,
+        /// Recovery point name.
+        snapshot: String,
+        #[command(flatten)]
+        dir: crate::cmd::desktop::AgentDirArg,
+    },
+    /// List the personal desktop's recovery points.
+    Snapshots {
+        /// The desktop (personal).
+        desktop: tandem_desktop::Desktop,
+        #[command(flatten)]
+        dir: crate::cmd::desktop::AgentDirArg,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll the personal desktop back to a recovery point (VM off).
+    Rollback {
+        /// The desktop (personal).
+        desktop: tandem_desktop::Desktop,
+        /// Recovery point name.
+        snapshot: String,
+        #[command(flatten)]
+        dir: crate::cmd::desktop::AgentDirArg,
+    },
+    /// Reset the personal desktop to its pristine base (VM off).
+    Reset {
+        /// The desktop (personal).
+        desktop: tandem_desktop::Desktop,
+        #[command(flatten)]
+        dir: crate::cmd::desktop::AgentDirArg,
+    },
     /// The supervisor of a named VM (started by `vm start`).
     #[command(hide = true)]
     Supervise {
@@ -371,6 +407,22 @@ pub fn run(args: VmArgs, global: &Global) -> anyhow::Result<u8> {
             wait_for,
             timeout,
         } => console(&state.state_dir, &name, log, send, wait_for, timeout),
+        VmCommand::Snapshot {
+            desktop,
+            snapshot,
+            dir,
+        } => desktop_recovery(&dir.dir, desktop, RecoveryAction::Snapshot(snapshot), false),
+        VmCommand::Snapshots { desktop, dir, json } => {
+            desktop_recovery(&dir.dir, desktop, RecoveryAction::List, json)
+        }
+        VmCommand::Rollback {
+            desktop,
+            snapshot,
+            dir,
+        } => desktop_recovery(&dir.dir, desktop, RecoveryAction::Rollback(snapshot), false),
+        VmCommand::Reset { desktop, dir } => {
+            desktop_recovery(&dir.dir, desktop, RecoveryAction::Reset, false)
+        }
         VmCommand::Supervise { name, state } => {
             let rd = RunDir::existing(&state.state_dir, &name)?;
             match rd.supervise()? {

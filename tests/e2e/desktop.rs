@@ -1,1 +1,170 @@
-//! End-to-end tests: desktop.
+//! End-to-end tests: the corporate and personal desktops on layered disks, with real QEMU.
+
+use std::path::Path;
+
+use super::util::*;
+
+const READY: &str = "tandem-boot: ready";
+
+/// `tandem` with the agent directory set.
+fn t(agent: &Path) -> std::process::Command {
+    let mut c = tandem();
+    c.env("TANDEM_AGENT_DIR", agent)
+        .env("TANDEM_GUEST_DIR", guest());
+    c
+}
+
+struct Desktops {
+    agent: tempfile::TempDir,
+}
+
+impl Desktops {
+    fn new() -> Self {
+        Desktops {
+            agent: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    fn path(&self) -> &Path {
+        self.agent.path()
+    }
+    fn vms(&self) -> std::path::PathBuf {
+        self.path().join("vms")
+    }
+    fn console(&self, vm: &str, args: &[&str]) -> Ran {
+        run(t(self.path())
+            .args(["vm", "console", vm, "--state-dir"])
+            .arg(self.vms())
+            .args(args))
+    }
+    fn start_personal(&self) {
+        let base = guest().join("personal.ext4");
+        run(t(self.path())
+            .args(["desktop", "start", "personal", "--base-file"])
+            .arg(base))
+        .ok();
+        self.console("personal", &["--wait-for", READY, "--timeout", "120"])
+            .ok();
+    }
+    fn stop(&self, vm: &str) {
+        run(t(self.path()).args(["desktop", "stop", vm, "--timeout", "30"])).ok();
+    }
+    fn state_line(&self) -> String {
+        let log = self.console("personal", &["--log"]).ok().stdout;
+        log.lines()
+            .find(|l| l.starts_with("tandem-personal-state: "))
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+impl Drop for Desktops {
+    fn drop(&mut self) {
+        for vm in ["personal", "corporate"] {
+            let _ = t(self.path())
+                .args(["vm", "stop", vm, "--timeout", "5", "--state-dir"])
+                .arg(self.vms())
+                .output();
+        }
+    }
+}
+
+#[test]
+fn personal_desktop_recovery_points_rollback_and_reset() {
+    let d = Desktops::new();
+    d.start_personal();
+    assert_eq!(d.state_line(), "tandem-personal-state: pristine");
+
+    d.console(
+        "personal",
+        &[
+            "--send",
+            "echo good > /root/state.txt; sync; echo saved-good",
+        ],
+    )
+    .ok();
+    d.console("personal", &["--wait-for", "saved-good", "--timeout", "60"])
+        .ok();
+    // A recovery point of the running VM (QMP internal snapshot).
+    run(t(d.path()).args(["vm", "snapshot", "personal", "good"])).ok();
+    d.console(
+        "personal",
+        &[
+            "--send",
+            "echo broken > /root/state.txt; sync; echo saved-broken",
+        ],
+    )
+    .ok();
+    d.console(
+        "personal",
+        &["--wait-for", "saved-broken", "--timeout", "60"],
+    )
+    .ok();
+
+    // Reset and rollback refuse while the VM runs.
+    let ran = run(t(d.path()).args(["vm", "reset", "personal"])).code(3);
+    assert!(
+        ran.stderr.contains("is running; stop it first"),
+        "{}",
+        ran.stderr
+    );
+    let ran = run(t(d.path()).args(["vm", "rollback", "personal", "good"])).code(3);
+    assert!(ran.stderr.contains("is running"), "{}", ran.stderr);
+    d.stop("personal");
+
+    // The persistent overlay kept the breakage across a reboot.
+    d.start_personal();
+    assert_eq!(d.state_line(), "tandem-personal-state: broken");
+    d.stop("personal");
+
+    let ran = run(t(d.path()).args(["vm", "rollback", "personal", "nope"])).code(3);
+    assert!(
+        ran.stderr
+            .contains("no recovery point `nope`; it has: good"),
+        "{}",
+        ran.stderr
+    );
+    let listed = run(t(d.path()).args(["vm", "snapshots", "personal", "--json"]))
+        .ok()
+        .json();
+    assert_eq!(listed[0]["name"], "good");
+
+    run(t(d.path()).args(["vm", "rollback", "personal", "good"])).ok();
+    d.start_personal();
+    assert_eq!(d.state_line(), "tandem-personal-state: good");
+    d.stop("personal");
+
+    run(t(d.path()).args(["vm", "reset", "personal"])).ok();
+    let listed = run(t(d.path()).args(["vm", "snapshots", "personal", "--json"]))
+        .ok()
+        .json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(0));
+    d.start_personal();
+    assert_eq!(d.state_line(), "tandem-personal-state: pristine");
+    d.stop("personal");
+}
+
+#[test]
+fn corporate_desktop_refuses_recovery_tools_and_starts_only_with_a_lease() {
+    let d = Desktops::new();
+    for args in [
+        vec!["vm", "snapshot", "corporate", "x"],
+        vec!["vm", "rollback", "corporate", "x"],
+        vec!["vm", "reset", "corporate"],
+    ] {
+        let ran = run(t(d.path()).args(&args)).code(3);
+        assert!(ran.stderr.contains("managed by IT"), "{}", ran.stderr);
+    }
+    // Never enrolled: no lease, so no corporate VM — and nothing was created.
+    let base = guest().join("gold-v1.ext4");
+    let ran = run(t(d.path())
+        .args(["desktop", "start", "corporate", "--base-file"])
+        .arg(base))
+    .code(3);
+    assert!(
+        ran.stderr.contains("not enrolled") || ran.stderr.contains("lease"),
+        "{}",
+        ran.stderr
+    );
+    assert!(!d.path().join("corporate").join("user.qcow2").exists());
+    assert!(!process_running_with(&d.path().display().to_string()));
+}

@@ -317,6 +317,8 @@ impl RunDir {
             });
         };
         let _ = std::fs::remove_file(self.stop_marker());
+        // Each run gets a fresh console log; the previous run's stays for post-mortems.
+        let _ = std::fs::rename(self.serial_log(), self.dir.join("serial.prev.log"));
         let spec = self.read_spec()?;
         let mut state = VmState {
             name: self.name.clone(),

@@ -1,0 +1,350 @@
+//! `tandem desktop`: start, stop and inspect the corporate and personal desktops of this
+//! laptop, and manage the personal desktop's recovery points.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tandem_desktop::prepare::{BootConfig, Prepared};
+use tandem_desktop::{personal, prepare, BaseDisk, Desktop, Layout};
+use tandem_vm::rundir::{RunDir, Sidecar, VmState};
+use tandem_vm::{Accel, DeviceControls, Network};
+
+use crate::exit;
+use crate::output::{print_json, Global};
+
+/// Arguments of `tandem desktop`.
+#[derive(Debug, clap::Args)]
+pub struct DesktopArgs {
+    #[command(subcommand)]
+    command: DesktopCommand,
+}
+
+/// The agent directory the desktops live in.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentDirArg {
+    /// Agent directory.
+    #[arg(
+        long = "dir",
+        env = "TANDEM_AGENT_DIR",
+        default_value = "/var/lib/tandem/agent"
+    )]
+    pub dir: PathBuf,
+}
+
+/// What a desktop boots from.
+#[derive(Debug, Clone, clap::Args)]
+struct BaseArgs {
+    /// Base image: NAME@VERSION (or NAME for the newest) from this laptop's synced store,
+    /// served over NBD while the VM runs.
+    #[arg(long, conflicts_with = "base_file")]
+    image: Option<String>,
+    /// Base image: a raw file instead of the synced store (development).
+    #[arg(long)]
+    base_file: Option<PathBuf>,
+    /// Directory of the built guest whose kernel and initramfs boot the base.
+    #[arg(
+        long,
+        env = "TANDEM_GUEST_DIR",
+        default_value = "/var/cache/tandem/guest"
+    )]
+    guest_dir: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: Accel,
+    /// Size of a new corporate user disk in MiB.
+    #[arg(long, default_value_t = 128)]
+    user_disk_mib: u64,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DesktopCommand {
+    /// Start a desktop (the corporate one only with a valid lease).
+    Start {
+        /// corporate or personal.
+        desktop: Desktop,
+        #[command(flatten)]
+        dir: AgentDirArg,
+        #[command(flatten)]
+        base: BaseArgs,
+        /// Print the VM state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a desktop (power button, then quit, then kill).
+    Stop {
+        /// corporate or personal.
+        desktop: Desktop,
+        #[command(flatten)]
+        dir: AgentDirArg,
+        /// Seconds the guest gets to power off.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Both desktops' states.
+    Status {
+        #[command(flatten)]
+        dir: AgentDirArg,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `tandem desktop`.
+pub fn run(args: DesktopArgs, global: &Global) -> anyhow::Result<u8> {
+    match args.command {
+        DesktopCommand::Start {
+            desktop,
+            dir,
+            base,
+            json,
+        } => {
+            let st = start(&dir.dir, desktop, &base)?;
+            if json {
+                print_json(&st)?;
+            } else if !global.quiet {
+                println!(
+                    "{desktop}: {} ({}), console: tandem vm console {desktop} --state-dir {}",
+                    if st.phase == tandem_vm::rundir::Phase::Running {
+                        "running"
+                    } else {
+                        "not running"
+                    },
+                    st.accel.as_deref().unwrap_or("-"),
+                    Layout::new(&dir.dir).vms_dir().display()
+                );
+            }
+            Ok(exit::SUCCESS)
+        }
+        DesktopCommand::Stop {
+            desktop,
+            dir,
+            timeout,
+        } => {
+            let layout = Layout::new(&dir.dir);
+            let rd = RunDir::existing(&layout.vms_dir(), desktop.name())?;
+            let st = rd.stop(Duration::from_secs(timeout))?;
+            println!("{desktop}: stopped");
+            let _ = st;
+            Ok(exit::SUCCESS)
+        }
+        DesktopCommand::Status { dir, json } => {
+            let layout = Layout::new(&dir.dir);
+            let all = tandem_vm::rundir::list(&layout.vms_dir())?;
+            if json {
+                print_json(&all)?;
+            } else {
+                for d in [Desktop::Corporate, Desktop::Personal] {
+                    let phase = all
+                        .iter()
+                        .find(|s| s.name == d.name())
+                        .map(|s| format!("{:?}", s.phase).to_lowercase())
+                        .unwrap_or_else(|| "never started".into());
+                    println!("{:<10} {phase}", d.name());
+                }
+            }
+            Ok(exit::SUCCESS)
+        }
+    }
+}
+
+/// Resolves the base disk and the NBD sidecar that serves it.
+fn resolve_base(
+    layout: &Layout,
+    desktop: Desktop,
+    base: &BaseArgs,
+) -> anyhow::Result<(BaseDisk, Vec<Sidecar>)> {
+    if let Some(path) = &base.base_file {
+        let path = std::fs::canonicalize(path)
+            .with_context(|| format!("base image {} cannot be read", path.display()))?;
+        return Ok((
+            BaseDisk::File {
+                label: path.display().to_string(),
+                path,
+            },
+            Vec::new(),
+        ));
+    }
+    let Some(image) = &base.image else {
+        bail!("say what the {desktop} desktop boots from: --image NAME[@VERSION] (synced) or --base-file FILE");
+    };
+    let catalog = tandem_sync::catalog::Catalog::new(&layout.root().join("store").join("catalog"));
+    let (name, version) = match image.split_once('@') {
+        Some((n, v)) => (
+            n.to_string(),
+            v.parse::<u64>()
+                .with_context(|| format!("`{v}` is not a version number"))?,
+        ),
+        None => {
+            let versions = catalog.versions(image)?;
+            let newest = versions.into_iter().max().with_context(|| {
+                format!("no version of `{image}` is on this laptop; run `tandem image pull {image}` or let the agent sync")
+            })?;
+            (image.clone(), newest)
+        }
+    };
+    let signed = catalog.load_signed(&name, version).with_context(|| {
+        format!("{name}@{version} is not on this laptop; run `tandem image pull {name}@{version}`")
+    })?;
+    let manifest: tandem_proto::manifest::Manifest = serde_json::from_str(&signed.payload)
+        .context("the stored manifest is damaged; pull it again")?;
+    let socket = layout
+        .run_dir()
+        .join(format!("nbd-{}.sock", desktop.name()));
+    std::fs::create_dir_all(layout.run_dir())?;
+    let sidecar = Sidecar {
+        program: std::env::current_exe().context("locating the tandem binary")?,
+        args: vec![
+            "image".into(),
+            "serve".into(),
+            format!("{name}@{version}"),
+            "--dir".into(),
+            layout.root().display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+        ],
+        ready_socket: Some(socket.clone()),
+    };
+    Ok((
+        BaseDisk::Nbd {
+            socket,
+            export: String::new(),
+            size: manifest.size,
+            label: format!("{name}@{version}"),
+        },
+        vec![sidecar],
+    ))
+}
+
+fn boot_config(base: &BaseArgs) -> anyhow::Result<BootConfig> {
+    let text = std::fs::read_to_string(base.guest_dir.join("guest.json")).with_context(|| {
+        format!(
+            "no built guest in {}; run `tandem guest build`",
+            base.guest_dir.display()
+        )
+    })?;
+    let assets: tandem_guest::GuestAssets =
+        serde_json::from_str(&text).context("guest.json is damaged; rebuild it")?;
+    Ok(BootConfig {
+        kernel: Some(assets.kernel),
+        initrd: Some(assets.initrd),
+        cmdline: tandem_guest::DEFAULT_CMDLINE.to_string(),
+        memory_mib: base.memory,
+        vcpus: 1,
+        accel: base.accel,
+        network: Network::None,
+        controls: DeviceControls::default(),
+    })
+}
+
+/// Starts a desktop: the lease gate and key unwrap for the corporate one, fresh overlay,
+/// then the supervisor.
+fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmState> {
+    let layout = Layout::new(dir);
+    let rd = RunDir::new(&layout.vms_dir(), desktop.name())?;
+    if let Some(pid) = rd.running_supervisor()? {
+        return Err(tandem_vm::VmError::AlreadyRunning {
+            name: desktop.name().to_string(),
+            pid,
+        }
+        .into());
+    }
+    let boot = boot_config(base)?;
+    let prepared: Prepared = match desktop {
+        Desktop::Corporate => {
+            let agent = tandem_agent::AgentDir::new(dir);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let lease = tandem_agent::lease::check(&agent, now)?;
+            tracing::info!(days_left = lease.days_left, "lease valid");
+            let keys = tandem_desktop::keys::UserDiskKeys::new(&layout.keys_dir());
+            let key = if keys.exists() || layout.corporate_user_disk().exists() {
+                keys.unwrap()?
+            } else {
+                keys.create()?
+            };
+            let (base_disk, sidecars) = resolve_base(&layout, desktop, base)?;
+            prepare::corporate(
+                &layout,
+                &base_disk,
+                &boot,
+                &key,
+                base.user_disk_mib,
+                sidecars,
+            )?
+        }
+        Desktop::Personal => {
+            let (base_disk, sidecars) = resolve_base(&layout, desktop, base)?;
+            prepare::personal(&layout, &base_disk, &boot, sidecars)?
+        }
+    };
+    let spec = rd.place(prepared.spec);
+    rd.write_spec(&spec)?;
+    rd.write_sidecars(&prepared.sidecars)?;
+    let st = crate::cmd::vm::start_supervisor(&layout.vms_dir(), &rd)?;
+    // QEMU has read the passphrase: remove it from disk.
+    drop(prepared.secret);
+    Ok(st)
+}
+
+/// `tandem vm snapshot|snapshots|rollback|reset` on a desktop.
+pub fn recovery(
+    dir: &Path,
+    desktop: Desktop,
+    action: RecoveryAction,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let layout = Layout::new(dir);
+    match action {
+        RecoveryAction::Snapshot(name) => {
+            personal::snapshot(&layout, desktop, &name)?;
+            println!("{desktop}: recovery point `{name}` taken");
+        }
+        RecoveryAction::List => {
+            let list = personal::snapshots(&layout, desktop)?;
+            if json {
+                print_json(&list)?;
+            } else if list.is_empty() {
+                println!("{desktop}: no recovery points");
+            } else {
+                for s in list {
+                    println!(
+                        "{}\t{}",
+                        s.name,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_secs(s.date_sec)
+                        )
+                    );
+                }
+            }
+        }
+        RecoveryAction::Rollback(name) => {
+            personal::rollback(&layout, desktop, &name)?;
+            println!("{desktop}: rolled back to `{name}`; it takes effect at the next start");
+        }
+        RecoveryAction::Reset => {
+            personal::reset(&layout, desktop)?;
+            println!("{desktop}: reset to the pristine base; every recovery point is gone");
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// A recovery-point operation.
+#[derive(Debug, Clone)]
+pub enum RecoveryAction {
+    /// Take one.
+    Snapshot(String),
+    /// List them.
+    List,
+    /// Go back to one.
+    Rollback(String),
+    /// Back to the pristine base.
+    Reset,
+}
