@@ -387,6 +387,23 @@ impl Store {
             .as_ref()
             .map(|k| k.check_value().to_vec())
             .unwrap_or_default();
+        // Read-only first: opening an initialized store must work on a full disk.
+        let existing = self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.index_err(e))?;
+            let meta = match tx.open_table(META) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(self.index_err(e)),
+            };
+            let check = meta
+                .get("key-check")
+                .map_err(|e| self.index_err(e))?
+                .map(|v| v.value().to_vec());
+            Ok(check)
+        })?;
+        if existing.as_ref() == Some(&want_check) {
+            return Ok(());
+        }
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| self.index_err(e))?;
             {

@@ -397,17 +397,21 @@ async fn fetch_missing(
             chunks: batch.to_vec(),
         };
         let mut pending: Vec<(ChunkId, Payload)> = Vec::new();
-        let mut ready: Vec<Vec<(ChunkId, Payload)>> = Vec::new();
-        let mut err = None;
+        let mut stored = 0u64;
         let max = manifest.chunk_size;
+        let store = local.store.clone();
+        let flush_every = ((1usize << 20) / max as usize).max(1);
         let got = {
+            // Chunks are stored as they arrive (about 1 MiB at a time), so an interrupted
+            // pull keeps them and the next one does not fetch them again.
             let mut on_chunk = |c: FetchedChunk| -> Result<(), SyncError> {
                 if !wanted.contains(&c.id) {
                     return Err(SyncError::BadChunk { id: c.id });
                 }
                 pending.push(verify_fetched(c, max)?);
-                if pending.len() >= PUT_BATCH {
-                    ready.push(std::mem::take(&mut pending));
+                if pending.len() >= flush_every {
+                    stored += pending.len() as u64;
+                    store.put_many(std::mem::take(&mut pending))?;
                 }
                 Ok(())
             };
@@ -415,20 +419,10 @@ async fn fetch_missing(
                 .fetch_chunks(&req, max, &mut on_chunk, progress)
                 .await
         };
-        ready.push(pending);
-        // Store everything verified so far, even if the stream broke: a retry resumes.
-        let n: u64 = ready.iter().map(|b| b.len() as u64).sum();
-        for b in ready {
-            put_batch(&local.store, b).await?;
-        }
-        report.chunks_fetched += n;
-        match got {
-            Ok(bytes) => report.bytes_received += bytes,
-            Err(e) => err = Some(e),
-        }
-        if let Some(e) = err {
-            return Err(e);
-        }
+        stored += pending.len() as u64;
+        put_batch(&local.store, pending).await?;
+        report.chunks_fetched += stored;
+        report.bytes_received += got?;
     }
     Ok(())
 }
