@@ -182,6 +182,7 @@ fn report_outcome(json: bool, o: &Outcome) -> anyhow::Result<()> {
             target,
             lease,
             hook_error,
+            pulls,
         } => {
             if json {
                 print_json(&serde_json::json!({
@@ -189,6 +190,7 @@ fn report_outcome(json: bool, o: &Outcome) -> anyhow::Result<()> {
                     "target": target,
                     "lease": lease,
                     "hook_error": hook_error,
+                    "pulls": pulls,
                 }))?;
             } else {
                 match lease {
@@ -199,6 +201,12 @@ fn report_outcome(json: bool, o: &Outcome) -> anyhow::Result<()> {
                         )
                     ),
                     None => println!("checked in; no lease issued"),
+                }
+                for p in pulls {
+                    match &p.error {
+                        None => println!("image {}: {}", p.image, p.outcome),
+                        Some(e) => eprintln!("tandem: image {}: pull failed: {e}", p.image),
+                    }
                 }
             }
         }

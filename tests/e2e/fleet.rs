@@ -728,3 +728,52 @@ fn agent_without_enrollment_says_how_to_enroll() {
     assert_eq!(s["enrolled"], false);
     assert_eq!(s["lease_ok"], false);
 }
+
+#[test]
+fn assigned_image_is_pulled_signed_and_unassigned_devices_are_refused() {
+    let mut f = Fleet::start(Backend::Sqlite).expect("sqlite always runs");
+    // Publish writes the server's store directly: stop the server meanwhile.
+    f.server = None;
+    let disk = f.tmp.path().join("corp.raw");
+    let data: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&disk, data).expect("write disk");
+    run(tandem()
+        .args(["image", "publish", "corp"])
+        .arg(&disk)
+        .arg("--data")
+        .arg(f.tmp.path().join("srv"))
+        .arg("--json"))
+    .ok();
+    f.start_server();
+    f.admin(&["user", "create", "alice"]).ok();
+    f.admin(&["user", "create", "bob"]).ok();
+    f.admin(&["assign", "--user", "alice", "--corporate", "corp:1"])
+        .ok();
+    let (a, a_id) = f.enroll("a", "alice");
+    let (b, b_id) = f.enroll("b", "bob");
+
+    let r = f.agent(&a, &["check-in", "--json"]).ok().json();
+    assert_eq!(r["pulls"][0]["outcome"], "pulled", "{r}");
+    assert!(r["pulls"][0]["bytes"].as_u64().expect("bytes") > 0);
+    let r = f.agent(&a, &["check-in", "--json"]).ok().json();
+    assert_eq!(r["pulls"][0]["outcome"], "present", "{r}");
+    // The next check-in reported what the device holds.
+    let d = f.admin(&["device", "show", &a_id, "--json"]).ok().json();
+    assert_eq!(d["last_report"]["images"][0]["image"], "corp", "{d}");
+
+    // Bob's device is assigned nothing and may read none of it.
+    let r = f.agent(&b, &["check-in", "--json"]).ok().json();
+    assert_eq!(r["pulls"].as_array().map(Vec::len), Some(0), "{r}");
+    let kb = device_key(&b);
+    let (s, body) = Raw::new("GET", "/v1/images/corp/1/manifest")
+        .signed(&b_id, &kb, now())
+        .send(&f.url);
+    assert_eq!(s, 403, "{body}");
+    let ka = device_key(&a);
+    let (s, body) = Raw::new("GET", "/v1/images/corp/1/manifest")
+        .signed(&a_id, &ka, now())
+        .send(&f.url);
+    assert_eq!(s, 200, "{body}");
+}

@@ -104,6 +104,8 @@ pub enum Outcome {
         lease: Option<Lease>,
         /// Error from [`Hooks::apply_target`], if any.
         hook_error: Option<String>,
+        /// Assigned image versions pulled (or found, or failed).
+        pulls: Vec<crate::images::PullResult>,
     },
     /// The device executed a kill and the server has the acknowledgement.
     Killed,
@@ -247,6 +249,7 @@ pub async fn apply(
         target: Box::new(target),
         lease,
         hook_error,
+        pulls: Vec::new(),
     })
 }
 
@@ -295,11 +298,12 @@ pub async fn checkin_once(dir: &AgentDir, hooks: &dyn Hooks) -> Result<Outcome, 
         send_ack(dir, &id, &http, ack).await?;
         return Ok(Outcome::Killed);
     }
-    let id = Identity::load(dir)?;
+    let id = std::sync::Arc::new(Identity::load(dir)?);
     let now = crate::now();
     let mut report = CheckinRequest {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         clock: now,
+        images: crate::images::held(dir),
         ..Default::default()
     };
     hooks.status(&mut report);
@@ -313,10 +317,13 @@ pub async fn checkin_once(dir: &AgentDir, hooks: &dyn Hooks) -> Result<Outcome, 
         Some(&report),
     )
     .await;
-    let result = match res {
+    let mut result = match res {
         Ok(resp) => apply(dir, &id, &http, &resp.target, hooks).await,
         Err(e) => Err(e.into()),
     };
+    if let Ok(Outcome::Applied { target, pulls, .. }) = &mut result {
+        *pulls = crate::images::pull_assigned(dir, id.clone(), target).await;
+    }
     match &result {
         Ok(_) => {
             log_entry.last_success = Some(now);
@@ -392,4 +399,139 @@ pub async fn run(
 fn jitter(d: Duration) -> Duration {
     let f: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.9..1.1);
     d.mul_f64(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::fixture;
+    use tandem_proto::fleet::{Assignments, Policy};
+    use tandem_proto::SigningKey;
+
+    fn target(f: &crate::testkit::Fixture, issued_at: u64) -> TargetState {
+        TargetState {
+            device: f.device,
+            issued_at,
+            assignments: Assignments::default(),
+            policy_name: "default".into(),
+            policy: Policy::default(),
+            lease: Some(f.state_key.sign(
+                fleet::KIND_LEASE,
+                &Lease {
+                    device: f.device,
+                    issued_at,
+                    not_after: issued_at + 86_400,
+                    policy_hash: Policy::default().hash(),
+                },
+            )),
+            kill: None,
+            rules_version: None,
+        }
+    }
+
+    async fn apply_env(
+        f: &crate::testkit::Fixture,
+        env: &tandem_proto::Signed,
+    ) -> Result<Outcome, CheckinError> {
+        let id = Identity::load(&f.dir).expect("identity");
+        let http = client::http().expect("http");
+        apply(&f.dir, &id, &http, env, &kill::NoVms).await
+    }
+
+    #[tokio::test]
+    async fn valid_target_stores_lease_and_raises_trusted_time() {
+        let f = fixture();
+        let env = f
+            .state_key
+            .sign(fleet::KIND_TARGET_STATE, &target(&f, 5000));
+        let out = apply_env(&f, &env).await.expect("applies");
+        assert!(matches!(out, Outcome::Applied { lease: Some(_), .. }));
+        assert_eq!(lease::high_water(&f.dir).expect("hw"), 5000);
+        assert!(lease::check(&f.dir, 5001).is_ok());
+        assert_eq!(
+            current_target(&f.dir).expect("read"),
+            Some(target(&f, 5000))
+        );
+    }
+
+    #[tokio::test]
+    async fn forged_altered_foreign_and_stale_targets_are_refused() {
+        let f = fixture();
+        let mut altered = f
+            .state_key
+            .sign(fleet::KIND_TARGET_STATE, &target(&f, 5000));
+        altered.payload = altered
+            .payload
+            .replace("\"lease_days\":14", "\"lease_days\":999");
+        assert!(matches!(
+            apply_env(&f, &altered).await,
+            Err(CheckinError::Forged { .. })
+        ));
+        let forger = SigningKey::generate();
+        let mut forged = forger.sign(fleet::KIND_TARGET_STATE, &target(&f, 5000));
+        forged.key_id = f.state_key.public().id();
+        assert!(matches!(
+            apply_env(&f, &forged).await,
+            Err(CheckinError::Forged { .. })
+        ));
+        let mut other = target(&f, 5000);
+        other.device = fleet::DeviceId::generate();
+        let env = f.state_key.sign(fleet::KIND_TARGET_STATE, &other);
+        assert!(matches!(
+            apply_env(&f, &env).await,
+            Err(CheckinError::WrongDevice { .. })
+        ));
+        // Nothing of the refused answers was stored.
+        assert!(matches!(
+            lease::check(&f.dir, 5001),
+            Err(lease::LeaseError::Missing)
+        ));
+
+        let newer = f
+            .state_key
+            .sign(fleet::KIND_TARGET_STATE, &target(&f, 6000));
+        apply_env(&f, &newer).await.expect("applies");
+        let replay = f
+            .state_key
+            .sign(fleet::KIND_TARGET_STATE, &target(&f, 5000));
+        assert!(matches!(
+            apply_env(&f, &replay).await,
+            Err(CheckinError::Stale { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn kill_order_signed_with_the_wrong_key_erases_nothing() {
+        let f = fixture();
+        std::fs::create_dir_all(f.dir.keys()).expect("mkdir");
+        std::fs::write(f.dir.keys().join("store.key"), b"k").expect("write");
+        let mut t = target(&f, 5000);
+        t.lease = None;
+        let order = KillOrder {
+            device: f.device,
+            ordered_at: 4000,
+            actor: "admin:x".into(),
+            reason: "test".into(),
+        };
+        // The state key may sign target states, not kill orders.
+        t.kill = Some(f.state_key.sign(fleet::KIND_KILL_ORDER, &order));
+        let env = f.state_key.sign(fleet::KIND_TARGET_STATE, &t);
+        assert!(matches!(
+            apply_env(&f, &env).await,
+            Err(CheckinError::Forged {
+                what: "kill order",
+                ..
+            })
+        ));
+        assert!(f.dir.keys().join("store.key").exists());
+        assert!(!kill::is_killed(&f.dir).expect("read"));
+        // With the kill key it executes (the ack then fails: no server on port 1).
+        t.kill = Some(f.kill_key.sign(fleet::KIND_KILL_ORDER, &order));
+        let env = f.state_key.sign(fleet::KIND_TARGET_STATE, &t);
+        let err = apply_env(&f, &env).await.expect_err("ack cannot be sent");
+        assert!(err.is_temporary(), "{err}");
+        assert!(!f.dir.keys().exists());
+        let rec = kill::record(&f.dir).expect("read").expect("killed");
+        assert!(rec.ack.is_some() && !rec.acknowledged);
+    }
 }

@@ -122,9 +122,6 @@ pub fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{save_for_tests, IdentityInfo};
-    use tandem_proto::fleet::{DeviceId, PinnedKeys};
-    use tandem_proto::SigningKey;
 
     struct Failing;
     impl CorporateVms for Failing {
@@ -135,24 +132,8 @@ mod tests {
 
     #[test]
     fn kill_erases_keys_and_corporate_data_and_signs_ack() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let k = || SigningKey::generate().public();
-        let device_key = SigningKey::generate();
-        let device = DeviceId::generate();
-        let info = IdentityInfo {
-            device,
-            user: "a".into(),
-            server: "http://127.0.0.1:1".into(),
-            keys: PinnedKeys {
-                image: k(),
-                state: k(),
-                kill: k(),
-                rules: k(),
-            },
-            enrolled_at: 0,
-        };
-        save_for_tests(tmp.path(), &info, &device_key).expect("save");
-        let dir = AgentDir::new(tmp.path());
+        let f = crate::testkit::fixture();
+        let (dir, device, device_key) = (&f.dir, f.device, &f.device_key);
         std::fs::create_dir_all(dir.keys().join("disks")).expect("mkdir");
         std::fs::write(dir.keys().join("store.key"), b"k1").expect("write");
         std::fs::write(dir.keys().join("disks/user.key"), b"k2").expect("write");
@@ -160,14 +141,14 @@ mod tests {
         std::fs::write(dir.corporate().join("user.qcow2"), b"data").expect("write");
         std::fs::create_dir_all(dir.personal()).expect("mkdir");
         std::fs::write(dir.personal().join("overlay.qcow2"), b"mine").expect("write");
-        let id = Identity::load(&dir).expect("load");
+        let id = Identity::load(dir).expect("load");
         let order = KillOrder {
             device,
             ordered_at: 5,
             actor: "admin:x".into(),
             reason: "stolen".into(),
         };
-        let ack = execute(&dir, &id, &order, &Failing).expect("kill");
+        let ack = execute(dir, &id, &order, &Failing).expect("kill");
         let ack: KillAck = ack
             .verify(fleet::KIND_KILL_ACK, &[device_key.public()])
             .expect("ack verifies with the device key");
@@ -180,9 +161,9 @@ mod tests {
             dir.personal().join("overlay.qcow2").exists(),
             "personal data stays"
         );
-        assert!(is_killed(&dir).expect("read"));
+        assert!(is_killed(dir).expect("read"));
         assert!(matches!(
-            crate::lease::check(&dir, 10),
+            crate::lease::check(dir, 10),
             Err(crate::lease::LeaseError::Killed)
         ));
     }

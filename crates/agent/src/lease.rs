@@ -217,43 +217,9 @@ fn fmt_time(t: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{save_for_tests, IdentityInfo};
-    use tandem_proto::fleet::{DeviceId, PinnedKeys};
+    use crate::testkit::{fixture, Fixture};
+    use tandem_proto::fleet::DeviceId;
     use tandem_proto::SigningKey;
-
-    struct Fixture {
-        _tmp: tempfile::TempDir,
-        dir: AgentDir,
-        state_key: SigningKey,
-        device: DeviceId,
-    }
-
-    fn fixture() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let state_key = SigningKey::generate();
-        let k = || SigningKey::generate().public();
-        let device = DeviceId::generate();
-        let info = IdentityInfo {
-            device,
-            user: "alice".into(),
-            server: "http://127.0.0.1:1".into(),
-            keys: PinnedKeys {
-                image: k(),
-                state: state_key.public(),
-                kill: k(),
-                rules: k(),
-            },
-            enrolled_at: 0,
-        };
-        save_for_tests(tmp.path(), &info, &SigningKey::generate()).expect("save");
-        let dir = AgentDir::new(tmp.path());
-        Fixture {
-            _tmp: tmp,
-            dir,
-            state_key,
-            device,
-        }
-    }
 
     fn store(f: &Fixture, signed: tandem_proto::Signed) {
         fsutil::write_state(

@@ -16,7 +16,8 @@
 //! the server key pinned for its kind on every read, not only on arrival.
 //!
 //! Module map: [`identity`] (enroll, load, request signing), [`checkin`] (one check-in,
-//! the run loop, [`checkin::Hooks`] for image sync and the VM supervisor), [`lease`] (the
+//! the run loop, [`checkin::Hooks`] for the VM supervisor), [`images`] (pull assigned
+//! versions with the image sync client, signed with the device key), [`lease`] (the
 //! gate), [`kill`] (crypto-erase, [`kill::CorporateVms`]), [`status`].
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod checkin;
 pub mod client;
 pub mod fsutil;
 pub mod identity;
+pub mod images;
 pub mod kill;
 pub mod lease;
 pub mod status;
@@ -85,4 +87,55 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Shared test fixture: an enrolled identity with known server keys, no server.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use tandem_proto::fleet::{DeviceId, PinnedKeys};
+    use tandem_proto::SigningKey;
+
+    use crate::identity::{save_for_tests, IdentityInfo};
+    use crate::AgentDir;
+
+    pub struct Fixture {
+        pub _tmp: tempfile::TempDir,
+        pub dir: AgentDir,
+        pub state_key: SigningKey,
+        pub kill_key: SigningKey,
+        pub device_key: SigningKey,
+        pub device: DeviceId,
+    }
+
+    pub fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (state_key, kill_key, device_key) = (
+            SigningKey::generate(),
+            SigningKey::generate(),
+            SigningKey::generate(),
+        );
+        let device = DeviceId::generate();
+        let info = IdentityInfo {
+            device,
+            user: "alice".into(),
+            server: "http://127.0.0.1:1".into(),
+            keys: PinnedKeys {
+                image: SigningKey::generate().public(),
+                state: state_key.public(),
+                kill: kill_key.public(),
+                rules: SigningKey::generate().public(),
+            },
+            enrolled_at: 0,
+        };
+        save_for_tests(tmp.path(), &info, &device_key).expect("save");
+        let dir = AgentDir::new(tmp.path());
+        Fixture {
+            _tmp: tmp,
+            dir,
+            state_key,
+            kill_key,
+            device_key,
+            device,
+        }
+    }
 }
