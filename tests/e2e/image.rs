@@ -859,3 +859,54 @@ fn nbd_refuses_reads_past_the_end_writes_and_garbage_and_keeps_serving() {
         .expect("qemu-img");
     assert!(info.status.success());
 }
+
+#[test]
+fn qemu_boots_the_guest_from_a_pulled_nbd_served_image_through_a_qcow2_overlay() {
+    let guest = guest();
+    let env = Env::new();
+    env.publish("corp", &guest.join("gold-v1.ext4"), &[]);
+    let (_srv, url) = serve_http(&env.data());
+    env.pull(&url, "corp@1", &[]).ok();
+    let sock = env.p("corp.sock");
+    let _nbd = serve_nbd(&env, "corp@1", &sock);
+    nbd_to_file(&sock, &env.p("before.raw"));
+
+    let overlay = env.p("system.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img create");
+    assert!(st.success());
+    let size_before = std::fs::metadata(&overlay).expect("meta").len();
+    let ran = run(tandem()
+        .args(["vm", "run", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .arg("--disk")
+        .arg(&overlay)
+        .args([
+            "--accel",
+            "tcg",
+            "--exit-on",
+            "tandem-boot: ready",
+            "--timeout",
+            "120",
+        ]))
+    .ok();
+    assert!(
+        ran.stdout.contains("tandem-release: tandem-gold 1"),
+        "{}",
+        ran.stdout
+    );
+    // Writes landed in the overlay; the base served over NBD is unchanged.
+    assert!(std::fs::metadata(&overlay).expect("meta").len() > size_before);
+    nbd_to_file(&sock, &env.p("after.raw"));
+    assert!(
+        files_equal(&env.p("before.raw"), &env.p("after.raw")),
+        "the base changed"
+    );
+    run(tandem().args(["store", "check", "--dir"]).arg(env.laptop())).ok();
+}
