@@ -234,13 +234,15 @@ pub trait Db: Send + Sync + fmt::Debug {
     fn device(&self, id: DeviceId) -> DbFuture<'_, Option<DeviceRow>>;
     /// Every device, by enrollment time.
     fn devices(&self) -> DbFuture<'_, Vec<DeviceRow>>;
-    /// Records a check-in and the lease issued with it (if any).
+    /// Records a check-in, the lease issued with it (if any) and its audit entries, in one
+    /// transaction (one commit per check-in: the fleet's hottest write).
     fn record_checkin(
         &self,
         id: DeviceId,
         now: u64,
         report_json: &str,
         lease_not_after: Option<u64>,
+        audit: Vec<NewAudit>,
     ) -> DbFuture<'_, ()>;
     /// Marks an active device kill-pending; [`DbError::Conflict`] when it is not active.
     fn order_kill(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> DbFuture<'_, ()>;
@@ -285,6 +287,26 @@ fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// Appends one audit row on `$exec` (a pool or a transaction).
+macro_rules! insert_audit {
+    ($db:ty, $exec:expr, $e:expr) => {{
+        let e: NewAudit = $e;
+        sqlx::query::<$db>(
+            "INSERT INTO audit (at, actor, action, device_id, reason, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(ts(e.at))
+        .bind(&e.actor)
+        .bind(&e.action)
+        .bind(e.device.map(|d| d.to_string()))
+        .bind(&e.reason)
+        .bind(e.detail.to_string())
+        .execute($exec)
+        .await
+        .map_err(q("append audit"))?;
+    }};
 }
 
 /// Generates one [`Db`] implementation from the shared SQL. `$db` is the sqlx database.
@@ -633,9 +655,11 @@ macro_rules! impl_db {
                 now: u64,
                 report_json: &str,
                 lease_not_after: Option<u64>,
+                audit: Vec<NewAudit>,
             ) -> DbFuture<'_, ()> {
                 let report = report_json.to_string();
                 Box::pin(async move {
+                    let mut tx = self.pool.begin().await.map_err(q("begin check-in"))?;
                     sqlx::query::<$db>(
                         "UPDATE devices SET last_checkin = $2, last_report = $3, \
                          lease_not_after = COALESCE($4, lease_not_after) WHERE id = $1",
@@ -644,9 +668,13 @@ macro_rules! impl_db {
                     .bind(ts(now))
                     .bind(&report)
                     .bind(lease_not_after.map(ts))
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(q("record check-in"))?;
+                    for e in audit {
+                        insert_audit!($db, &mut *tx, e);
+                    }
+                    tx.commit().await.map_err(q("commit check-in"))?;
                     Ok(())
                 })
             }
@@ -711,19 +739,7 @@ macro_rules! impl_db {
 
             fn append_audit(&self, e: NewAudit) -> DbFuture<'_, ()> {
                 Box::pin(async move {
-                    sqlx::query::<$db>(
-                        "INSERT INTO audit (at, actor, action, device_id, reason, detail) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(ts(e.at))
-                    .bind(&e.actor)
-                    .bind(&e.action)
-                    .bind(e.device.map(|d| d.to_string()))
-                    .bind(&e.reason)
-                    .bind(e.detail.to_string())
-                    .execute(&self.pool)
-                    .await
-                    .map_err(q("append audit"))?;
+                    insert_audit!($db, &self.pool, e);
                     Ok(())
                 })
             }

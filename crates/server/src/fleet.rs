@@ -159,34 +159,32 @@ pub async fn checkin(
         rules_version: None,
     };
     let report_json = serde_json::to_string(&report).expect("serializing plain data cannot fail");
-    st.db
-        .record_checkin(dev.id, now, &report_json, not_after)
-        .await?;
     let actor = format!("device:{}", dev.id);
-    audit(
-        &st,
-        &actor,
+    let entry = |action: &str, detail: serde_json::Value| tandem_db::NewAudit {
+        at: now,
+        actor: actor.clone(),
+        action: action.to_string(),
+        device: Some(dev.id),
+        reason: None,
+        detail,
+    };
+    let mut entries = vec![entry(
         "device.checked-in",
-        Some(dev.id),
-        None,
         serde_json::json!({
             "agent_version": report.agent_version,
             "clock_skew": report.clock as i64 - now as i64,
             "lease_not_after": not_after,
         }),
-    )
-    .await;
+    )];
     if kill.is_some() {
-        audit(
-            &st,
-            &actor,
+        entries.push(entry(
             "lease.refused",
-            Some(dev.id),
-            None,
             serde_json::json!({"why": "kill ordered; kill order delivered"}),
-        )
-        .await;
+        ));
     }
+    st.db
+        .record_checkin(dev.id, now, &report_json, not_after, entries)
+        .await?;
     tracing::debug!(device = %dev.id, not_after, "check-in");
     Ok(Json(CheckinResponse {
         target: st.keys.state.sign(fleet::KIND_TARGET_STATE, &target),

@@ -101,12 +101,32 @@ async fn story(db: &dyn Db) {
     assert_eq!(got.status, DeviceStatus::Active);
 
     // Check-in keeps the last lease when none is issued.
-    db.record_checkin(d1.id, 130, "{}", Some(1000))
+    let entry = |at| NewAudit {
+        at,
+        actor: "device".into(),
+        action: "device.checked-in".into(),
+        device: Some(d1.id),
+        reason: None,
+        detail: serde_json::json!({}),
+    };
+    db.record_checkin(d1.id, 130, "{}", Some(1000), vec![entry(130)])
         .await
         .expect("checkin");
-    db.record_checkin(d1.id, 131, "{\"a\":1}", None)
+    db.record_checkin(d1.id, 131, "{\"a\":1}", None, vec![entry(131), entry(131)])
         .await
         .expect("checkin");
+    let checkins = db
+        .audit(AuditFilter {
+            device: Some(d1.id),
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    assert_eq!(
+        checkins.len(),
+        3,
+        "check-in audit rows commit with the check-in"
+    );
     let got = db.device(d1.id).await.expect("read").expect("exists");
     assert_eq!(got.last_checkin, Some(131));
     assert_eq!(got.lease_not_after, Some(1000));
@@ -150,7 +170,12 @@ async fn story(db: &dyn Db) {
         .expect("append");
     }
     let all = db.audit(AuditFilter::default()).await.expect("audit");
-    assert_eq!(all.iter().map(|e| e.at).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let ats: Vec<u64> = all.iter().map(|e| e.at).collect();
+    assert_eq!(
+        ats,
+        vec![130, 131, 131, 1, 2, 3],
+        "oldest first, in insertion order"
+    );
     let mine = db
         .audit(AuditFilter {
             device: Some(d1.id),
@@ -159,9 +184,17 @@ async fn story(db: &dyn Db) {
         })
         .await
         .expect("audit");
-    assert_eq!(mine.len(), 1);
-    assert_eq!(mine[0].action, "a3");
-    assert_eq!(mine[0].detail, serde_json::json!({"n": 3}));
+    let actions: Vec<&str> = mine.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "device.checked-in",
+            "device.checked-in",
+            "device.checked-in",
+            "a3"
+        ]
+    );
+    assert_eq!(mine[3].detail, serde_json::json!({"n": 3}));
     let last = db
         .audit(AuditFilter {
             limit: Some(2),
