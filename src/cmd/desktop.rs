@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use tandem_desktop::prepare::{BootConfig, Prepared};
 use tandem_desktop::{personal, prepare, BaseDisk, Desktop, Layout};
 use tandem_vm::rundir::{RunDir, Sidecar, VmState};
@@ -27,7 +27,7 @@ pub struct AgentDirArg {
     #[arg(
         long = "dir",
         env = "TANDEM_AGENT_DIR",
-        default_value = "/var/lib/tandem/agent"
+        default_value = "/var/lib/tandem-agent"
     )]
     pub dir: PathBuf,
 }
@@ -36,7 +36,7 @@ pub struct AgentDirArg {
 #[derive(Debug, Clone, clap::Args)]
 struct BaseArgs {
     /// Base image: NAME@VERSION (or NAME for the newest) from this laptop's synced store,
-    /// served over NBD while the VM runs.
+    /// served over NBD while the VM runs. Default: the version IT assigned to this device.
     #[arg(long, conflicts_with = "base_file")]
     image: Option<String>,
     /// Base image: a raw file instead of the synced store (development).
@@ -169,8 +169,23 @@ fn resolve_base(
             Vec::new(),
         ));
     }
-    let Some(image) = &base.image else {
-        bail!("say what the {desktop} desktop boots from: --image NAME[@VERSION] (synced) or --base-file FILE");
+    let assigned;
+    let image = match &base.image {
+        Some(image) => image,
+        None => {
+            let agent = tandem_agent::AgentDir::new(layout.root());
+            let target = tandem_agent::checkin::current_target(&agent)?.with_context(|| {
+                format!("no target state yet: run `tandem agent check-in`, or say what the {desktop} desktop boots from with --image NAME[@VERSION] or --base-file FILE")
+            })?;
+            let assignment = match desktop {
+                Desktop::Corporate => target.assignments.corporate,
+                Desktop::Personal => target.assignments.personal,
+            };
+            let a = assignment
+                .with_context(|| format!("IT assigned no {desktop} image to this device"))?;
+            assigned = format!("{}@{}", a.image, a.version);
+            &assigned
+        }
     };
     let catalog = tandem_sync::catalog::Catalog::new(&layout.root().join("store").join("catalog"));
     let (name, version) = match image.split_once('@') {
@@ -253,7 +268,20 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
         }
         .into());
     }
-    let boot = boot_config(base)?;
+    let mut boot = boot_config(base)?;
+    // Device controls come from IT's signed policy, not from the user's command line.
+    if let Ok(Some(target)) =
+        tandem_agent::checkin::current_target(&tandem_agent::AgentDir::new(dir))
+    {
+        if desktop == Desktop::Corporate {
+            boot.controls.usb = target.policy.controls.usb;
+            boot.network = if target.policy.controls.network {
+                Network::User
+            } else {
+                Network::None
+            };
+        }
+    }
     let prepared: Prepared = match desktop {
         Desktop::Corporate => {
             let agent = tandem_agent::AgentDir::new(dir);

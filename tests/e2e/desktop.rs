@@ -168,3 +168,24 @@ fn corporate_desktop_refuses_recovery_tools_and_starts_only_with_a_lease() {
     assert!(!d.path().join("corporate").join("user.qcow2").exists());
     assert!(!process_running_with(&d.path().display().to_string()));
 }
+
+#[test]
+fn demo_runs_the_whole_story() {
+    let ran = run(tandem().arg("demo").env("TANDEM_GUEST_DIR", guest())).ok();
+    for needle in [
+        "[corporate console] tandem-release: tandem-gold 1",
+        "[corporate console] tandem-release: tandem-gold 2",
+        "[corporate console] tandem-user-file: Q3 plan, draft 2",
+        "tandem-demo: system change gone",
+        "[personal console] tandem-personal-state: tuned",
+        "[personal console] tandem-personal-state: pristine",
+        "corporate keys on the laptop: destroyed; corporate user disk: deleted",
+        "Demo complete",
+    ] {
+        assert!(
+            ran.stdout.contains(needle),
+            "missing `{needle}` in:\n{}",
+            ran.stdout
+        );
+    }
+}
