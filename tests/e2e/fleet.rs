@@ -777,3 +777,46 @@ fn assigned_image_is_pulled_signed_and_unassigned_devices_are_refused() {
         .send(&f.url);
     assert_eq!(s, 200, "{body}");
 }
+
+#[test]
+fn agent_run_checks_in_until_killed_then_stops() {
+    let f = Fleet::start(Backend::Sqlite).expect("sqlite always runs");
+    f.admin(&["user", "create", "carol"]).ok();
+    let (dir, id) = f.enroll("c", "carol");
+    let log = f.tmp.path().join("agent.err");
+    let mut agent = Reaped::spawn(
+        tandem()
+            .args(["agent", "--dir"])
+            .arg(&dir)
+            .args(["run", "--interval", "1s"])
+            .stderr(std::fs::File::create(&log).expect("log")),
+    );
+    let checked_in = |n: u64| {
+        super::util::wait_for(30, || {
+            let s = f.agent(&dir, &["status", "--json"]).json();
+            s["checkin"]["last_success"]
+                .as_u64()
+                .is_some_and(|t| t >= n)
+        })
+    };
+    assert!(
+        checked_in(0),
+        "no check-in: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // It keeps checking in on its own.
+    let first = f.agent(&dir, &["status", "--json"]).json()["checkin"]["last_success"]
+        .as_u64()
+        .expect("time");
+    assert!(checked_in(first + 1), "no second check-in");
+    f.admin(&["device", "kill", &id, "--reason", "left the company"])
+        .ok();
+    let stopped = super::util::wait_for(30, || matches!(agent.0.try_wait(), Ok(Some(_))));
+    assert!(stopped, "agent did not stop after the kill");
+    let status = agent.0.try_wait().expect("wait").expect("exited");
+    assert!(status.success(), "{status:?}");
+    let s = f.agent(&dir, &["status", "--json"]).ok().json();
+    assert_eq!(s["kill_acknowledged"], true);
+    let d = f.admin(&["device", "show", &id, "--json"]).ok().json();
+    assert_eq!(d["status"], "killed");
+}

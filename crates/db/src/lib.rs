@@ -162,6 +162,29 @@ pub struct DeviceRow {
     pub kill_ack: Option<String>,
 }
 
+impl DeviceRow {
+    /// A device about to enroll: active, never checked in. `user` is filled from the
+    /// token by [`Db::enroll`].
+    pub fn enrolling(id: DeviceId, public_key: PublicKey, hostname: &str, now: u64) -> Self {
+        DeviceRow {
+            id,
+            user: String::new(),
+            public_key,
+            hostname: hostname.to_string(),
+            status: DeviceStatus::Active,
+            enrolled_at: now,
+            last_checkin: None,
+            last_report: None,
+            lease_not_after: None,
+            kill_actor: None,
+            kill_reason: None,
+            kill_ordered_at: None,
+            killed_at: None,
+            kill_ack: None,
+        }
+    }
+}
+
 /// A new audit entry.
 #[derive(Debug, Clone)]
 pub struct NewAudit {
@@ -285,8 +308,15 @@ fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError::Query { op, source }
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+/// Maps an INSERT's error: a unique violation is a [`DbError::Conflict`] on `what`.
+fn insert_err(
+    op: &'static str,
+    what: impl FnOnce() -> String,
+) -> impl FnOnce(sqlx::Error) -> DbError {
+    move |e| match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => DbError::Conflict { what: what() },
+        _ => DbError::Query { op, source: e },
+    }
 }
 
 /// Appends one audit row on `$exec` (a pool or a transaction).
@@ -411,13 +441,7 @@ macro_rules! impl_db {
                     .bind(ts(now))
                     .execute(&self.pool)
                     .await
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            DbError::Conflict { what: format!("admin {name}") }
-                        } else {
-                            DbError::Query { op: "add admin", source: e }
-                        }
-                    })?;
+                    .map_err(insert_err("add admin", || format!("admin {name}")))?;
                     Ok(())
                 })
             }
@@ -446,13 +470,7 @@ macro_rules! impl_db {
                     .bind(ts(now))
                     .execute(&self.pool)
                     .await
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            DbError::Conflict { what: format!("user {name}") }
-                        } else {
-                            DbError::Query { op: "create user", source: e }
-                        }
-                    })?;
+                    .map_err(insert_err("create user", || format!("user {name}")))?;
                     Ok(())
                 })
             }
@@ -613,15 +631,9 @@ macro_rules! impl_db {
                     .bind(ts(now))
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| {
-                        if is_unique_violation(&e) {
-                            DbError::Conflict {
-                                what: format!("device {} (or its key)", device.id),
-                            }
-                        } else {
-                            DbError::Query { op: "insert device", source: e }
-                        }
-                    })?;
+                    .map_err(insert_err("insert device", || {
+                        format!("device {} (or its key)", device.id)
+                    }))?;
                     tx.commit().await.map_err(q("commit enrollment"))?;
                     Ok(user)
                 })

@@ -28,22 +28,12 @@ pub async fn enroll(
         )));
     }
     let now = now();
-    let row = DeviceRow {
-        id: DeviceId::generate(),
-        user: String::new(),
-        public_key: req.device_key.clone(),
-        hostname: req.hostname.clone(),
-        status: DeviceStatus::Active,
-        enrolled_at: now,
-        last_checkin: None,
-        last_report: None,
-        lease_not_after: None,
-        kill_actor: None,
-        kill_reason: None,
-        kill_ordered_at: None,
-        killed_at: None,
-        kill_ack: None,
-    };
+    let row = DeviceRow::enrolling(
+        DeviceId::generate(),
+        req.device_key.clone(),
+        &req.hostname,
+        now,
+    );
     let user = match st
         .db
         .enroll(&crate::auth::hash_secret(&req.token), &row, now)

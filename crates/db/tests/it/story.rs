@@ -3,23 +3,13 @@
 use tandem_db::{AuditFilter, Db, DbError, DeviceRow, NewAudit, TokenRefusal};
 use tandem_proto::fleet::{DeviceId, DeviceStatus, ImageRef};
 
-fn device(user: &str) -> DeviceRow {
-    DeviceRow {
-        id: DeviceId::generate(),
-        user: user.into(),
-        public_key: tandem_proto::SigningKey::generate().public(),
-        hostname: "laptop-1".into(),
-        status: DeviceStatus::Active,
-        enrolled_at: 0,
-        last_checkin: None,
-        last_report: None,
-        lease_not_after: None,
-        kill_actor: None,
-        kill_reason: None,
-        kill_ordered_at: None,
-        killed_at: None,
-        kill_ack: None,
-    }
+fn device() -> DeviceRow {
+    DeviceRow::enrolling(
+        DeviceId::generate(),
+        tandem_proto::SigningKey::generate().public(),
+        "laptop-1",
+        0,
+    )
 }
 
 async fn story(db: &dyn Db) {
@@ -75,19 +65,19 @@ async fn story(db: &dyn Db) {
     db.add_enroll_token("t2", "alice", 100, 150)
         .await
         .expect("token");
-    let d1 = device("ignored");
+    let d1 = device();
     assert_eq!(db.enroll("t1", &d1, 120).await.expect("enroll"), "alice");
-    let again = db.enroll("t1", &device("x"), 121).await;
+    let again = db.enroll("t1", &device(), 121).await;
     assert!(
         matches!(again, Err(DbError::Token(TokenRefusal::Used))),
         "{again:?}"
     );
-    let late = db.enroll("t2", &device("x"), 150).await;
+    let late = db.enroll("t2", &device(), 150).await;
     assert!(
         matches!(late, Err(DbError::Token(TokenRefusal::Expired))),
         "{late:?}"
     );
-    let unknown = db.enroll("t3", &device("x"), 120).await;
+    let unknown = db.enroll("t3", &device(), 120).await;
     assert!(
         matches!(unknown, Err(DbError::Token(TokenRefusal::Unknown))),
         "{unknown:?}"
