@@ -655,6 +655,19 @@ fn attacks(f: &mut Fleet) {
         serde_json::from_str(body["target"]["payload"].as_str().expect("payload")).expect("target");
     assert!(target.lease.is_none());
     assert!(target.kill.is_some());
+    // The failed authentications of a known device are in its audit trail.
+    let audit = f.admin(&["audit", "--device", &a_id, "--json"]).ok().json();
+    let codes: Vec<&str> = audit
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["action"] == "device.auth-failed")
+        .map(|e| e["detail"]["code"].as_str().expect("code"))
+        .collect();
+    assert!(
+        codes.contains(&"bad_signature") && codes.contains(&"replayed"),
+        "{codes:?}"
+    );
     // B is unaffected and still gets a lease.
     let r = f.agent(&b, &["check-in", "--json"]).ok().json();
     assert!(r["lease"]["not_after"].as_u64().is_some());

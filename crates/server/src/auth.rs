@@ -251,12 +251,14 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
     };
     if sig.verify(&row.public_key, &method, &path, &bytes).is_err() {
         tracing::warn!(device = %device, path, "device signature refused");
+        auth_failed(state, device, "bad_signature", &path).await;
         return Err(unauthorized(
             "bad_signature",
             "signature does not verify with this device's key",
         ));
     }
     if !state.nonces.insert(device, &nonce, time, now) {
+        auth_failed(state, device, "replayed", &path).await;
         return Err(unauthorized(
             "replayed",
             "this request was already received (replayed nonce)",
@@ -278,6 +280,20 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
         });
     }
     Ok((Request::from_parts(parts, Body::from(bytes)), row))
+}
+
+/// Records a failed authentication of a known device: someone holds its id but not (or
+/// no longer a fresh use of) its key.
+async fn auth_failed(state: &AppState, device: DeviceId, code: &str, path: &str) {
+    crate::audit(
+        state,
+        "server",
+        "device.auth-failed",
+        Some(device),
+        None,
+        serde_json::json!({"code": code, "path": path}),
+    )
+    .await;
 }
 
 /// BLAKE3 of a secret token, hex: what the database stores.
