@@ -131,11 +131,18 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
                     (None, Some(why)) => println!("lease       {why}"),
                     _ => {}
                 }
+                let ago = |t: u64| {
+                    let d = tandem_agent::now().saturating_sub(t);
+                    format!(
+                        "{} ago",
+                        humantime::format_duration(std::time::Duration::from_secs(d))
+                    )
+                };
                 println!(
                     "check-in    last success {}, last error {}",
                     s.checkin
                         .last_success
-                        .map(|t| t.to_string())
+                        .map(ago)
                         .unwrap_or_else(|| "never".into()),
                     s.checkin.last_error.as_deref().unwrap_or("none")
                 );

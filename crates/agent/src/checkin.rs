@@ -379,14 +379,7 @@ pub async fn run(
                 failures = failures.saturating_add(1);
                 let lease = lease::check(dir, crate::now());
                 tracing::warn!(error = %e, temporary = e.is_temporary(), lease_ok = lease.is_ok(), "check-in failed; working offline on the current lease");
-                if e.is_temporary() {
-                    let backoff = Duration::from_secs(5)
-                        .saturating_mul(2u32.saturating_pow(failures.min(16) - 1))
-                        .min(interval);
-                    jitter(backoff)
-                } else {
-                    jitter(interval)
-                }
+                jitter(retry_after(failures, e.is_temporary(), interval))
             }
         };
         tokio::select! {
@@ -394,6 +387,18 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How long to wait after the `failures`-th failure in a row: 5 s doubling up to the
+/// check-in interval for temporary failures, the interval itself for permanent ones
+/// (retrying a refused request sooner cannot help).
+fn retry_after(failures: u32, temporary: bool, interval: Duration) -> Duration {
+    if !temporary {
+        return interval;
+    }
+    Duration::from_secs(5)
+        .saturating_mul(2u32.saturating_pow(failures.clamp(1, 16) - 1))
+        .min(interval)
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -436,6 +441,22 @@ mod tests {
         let id = Identity::load(&f.dir).expect("identity");
         let http = client::http().expect("http");
         apply(&f.dir, &id, &http, env, &kill::NoVms).await
+    }
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_up_to_the_interval() {
+        let hour = Duration::from_secs(3600);
+        let waits: Vec<u64> = (1..=11)
+            .map(|n| retry_after(n, true, hour).as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600]);
+        assert_eq!(retry_after(1, false, hour), hour);
+        assert_eq!(retry_after(u32::MAX, true, hour), hour);
+        let d = jitter(Duration::from_secs(100));
+        assert!(
+            d >= Duration::from_secs(90) && d <= Duration::from_secs(110),
+            "{d:?}"
+        );
     }
 
     #[tokio::test]
