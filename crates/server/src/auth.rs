@@ -110,21 +110,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Device {
     }
 }
 
-/// Remembers recent nonces per device so a captured request cannot be replayed.
+/// Remembers recent nonces per device so a captured request cannot be replayed. Only
+/// requests whose signature verified reach it, so only enrolled devices can fill it;
+/// entries older than twice the skew window are dropped at most once a minute.
 #[derive(Debug, Default)]
 pub struct NonceCache {
-    seen: Mutex<HashMap<(DeviceId, String), u64>>,
+    inner: Mutex<Nonces>,
+}
+
+#[derive(Debug, Default)]
+struct Nonces {
+    seen: HashMap<(DeviceId, String), u64>,
+    last_prune: u64,
 }
 
 impl NonceCache {
     /// Records a nonce; false when it was seen within the window.
     fn insert(&self, device: DeviceId, nonce: &str, time: u64, now: u64) -> bool {
-        let mut seen = self.seen.lock().expect("nonce cache lock poisoned");
-        if seen.len() > 100_000 {
+        let mut n = self.inner.lock().expect("nonce cache lock poisoned");
+        if now >= n.last_prune + 60 {
             let horizon = now.saturating_sub(2 * auth::MAX_SKEW_SECS);
-            seen.retain(|_, t| *t >= horizon);
+            n.seen.retain(|_, t| *t >= horizon);
+            n.last_prune = now;
         }
-        seen.insert((device, nonce.to_string()), time).is_none()
+        n.seen.insert((device, nonce.to_string()), time).is_none()
     }
 }
 
@@ -304,4 +313,26 @@ pub fn hash_secret(token: &str) -> String {
 /// A fresh random secret with a recognisable prefix.
 pub fn new_secret(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(rand::random::<[u8; 32]>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_are_single_use_per_device_and_expire_after_the_window() {
+        let c = NonceCache::default();
+        let (a, b) = (DeviceId::generate(), DeviceId::generate());
+        assert!(c.insert(a, "n1", 1000, 1000));
+        assert!(!c.insert(a, "n1", 1000, 1001), "replay refused");
+        assert!(
+            c.insert(b, "n1", 1000, 1001),
+            "another device's nonce is its own"
+        );
+        // Long after the window the entry is pruned (a replay would then be refused
+        // by the time check instead).
+        let later = 1000 + 2 * auth::MAX_SKEW_SECS + 61;
+        assert!(c.insert(a, "n2", later, later));
+        assert_eq!(c.inner.lock().expect("lock").seen.len(), 1);
+    }
 }
