@@ -101,9 +101,9 @@ struct DeleteArgs {
 struct PullArgs {
     /// NAME or NAME@VERSION.
     spec: String,
-    /// Server URL, e.g. http://127.0.0.1:8080.
+    /// Server URL, e.g. http://127.0.0.1:8080 (default: the server DIR is enrolled with).
     #[arg(long)]
-    server: String,
+    server: Option<String>,
     /// Laptop directory (store, keys).
     #[arg(long)]
     dir: PathBuf,
@@ -140,6 +140,9 @@ struct ServeArgs {
     /// Image-signing key, when DIR has none pinned yet.
     #[arg(long)]
     image_key: Option<String>,
+    /// Memory for decompressed, verified chunks (MiB).
+    #[arg(long, default_value_t = 32)]
+    cache_mb: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,8 +204,28 @@ fn read_key(s: &str) -> anyhow::Result<PublicKey> {
     PublicKey::from_base64(text.trim()).context("--image-key is not a base64 ed25519 public key")
 }
 
-/// The image key pinned in a laptop dir (pinning `given` on first use).
+/// The device identity enrolled in a laptop dir, if any.
+fn enrolled(dir: &Path) -> Option<Arc<tandem_agent::identity::Identity>> {
+    tandem_agent::identity::Identity::load(&tandem_agent::AgentDir::new(dir))
+        .ok()
+        .map(Arc::new)
+}
+
+/// The image key a laptop dir trusts: the one pinned at enrollment, else the one pinned by
+/// an earlier `--image-key` (pinning `given` on first use).
 fn pinned_key(dir: &Path, given: Option<&str>) -> anyhow::Result<Vec<PublicKey>> {
+    if let Some(id) = enrolled(dir) {
+        let k = id.info.keys.image.clone();
+        if let Some(g) = given {
+            if read_key(g)? != k {
+                bail!(
+                    "--image-key differs from the image key pinned at enrollment in {}",
+                    dir.display()
+                );
+            }
+        }
+        return Ok(vec![k]);
+    }
     let path = dir.join("keys").join("image-signing.pub");
     let stored = match std::fs::read_to_string(&path) {
         Ok(t) => Some(
@@ -450,11 +473,20 @@ fn pull(a: PullArgs, global: &Global) -> anyhow::Result<u8> {
     let trusted = pinned_key(&a.dir, a.image_key.as_deref())?;
     let local = Local::open(&a.dir, trusted)
         .with_context(|| format!("opening laptop store in {}", a.dir.display()))?;
-    let signer: Arc<dyn tandem_sync::SignRequest> = match a.token {
-        Some(t) => Arc::new(tandem_sync::client::BearerToken(t)),
-        None => Arc::new(tandem_sync::NoAuth),
+    // An enrolled dir signs every request with its device key; otherwise an admin token
+    // or nothing (a server that serves images without authentication, e.g. in tests).
+    let identity = enrolled(&a.dir);
+    let server = match (&a.server, &identity) {
+        (Some(s), _) => s.clone(),
+        (None, Some(id)) => id.info.server.clone(),
+        (None, None) => bail!("pass --server URL ({} is not enrolled)", a.dir.display()),
     };
-    let client = tandem_sync::Client::new(&a.server, signer).with_rate_limit(a.rate_limit);
+    let signer: Arc<dyn tandem_sync::SignRequest> = match (a.token, identity) {
+        (Some(t), _) => Arc::new(tandem_sync::client::BearerToken(t)),
+        (None, Some(id)) => Arc::new(tandem_agent::images::DeviceSigner(id)),
+        (None, None) => Arc::new(tandem_sync::NoAuth),
+    };
+    let client = tandem_sync::Client::new(&server, signer).with_rate_limit(a.rate_limit);
     let progress = BarProgress(bar(global, a.json, 0, "pull"));
     let opts = tandem_sync::PullOptions {
         dry_run: a.dry_run,
@@ -463,7 +495,7 @@ fn pull(a: PullArgs, global: &Global) -> anyhow::Result<u8> {
     let report = crate::output::block_on(tandem_sync::pull(
         &client, &local, &name, version, &opts, &progress,
     ))?
-    .with_context(|| format!("pulling {} from {}", a.spec, a.server))?;
+    .with_context(|| format!("pulling {} from {server}", a.spec))?;
     if let Some(b) = &progress.0 {
         b.finish_and_clear();
     }
@@ -499,10 +531,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     let version = version.context("serve needs NAME@VERSION")?;
     let trusted = pinned_key(&a.dir, a.image_key.as_deref())?;
     let local = Local::open(&a.dir, trusted)?;
+    let (manifest, _) = local
+        .manifest(&name, version)
+        .with_context(|| format!("opening {name} v{version} in {}", a.dir.display()))?;
     let reader = Arc::new(
-        local
-            .reader(&name, version)
-            .with_context(|| format!("opening {name} v{version} in {}", a.dir.display()))?,
+        tandem_store::ImageReader::with_cache(local.store.clone(), manifest, a.cache_mb << 20)
+            .with_context(|| format!("{name} v{version} is incomplete; pull it again"))?,
     );
     crate::output::block_on(async move {
         let listener = tandem_nbd::bind(&a.socket)?;

@@ -532,9 +532,11 @@ fn server_side_damage_and_bad_deltas_never_reach_the_laptop() {
     assert!(files_equal(&env.p("g2b.out"), &v2));
 }
 
-fn zstd_decode(data: &[u8]) -> Vec<u8> {
+/// Runs the `zstd` tool as a filter over `data`.
+fn zstd_filter(args: &[&str], data: &[u8]) -> Vec<u8> {
     let mut child = Command::new("zstd")
-        .args(["-d", "-c", "-q"])
+        .args(args)
+        .args(["-c", "-q"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -554,26 +556,12 @@ fn zstd_decode(data: &[u8]) -> Vec<u8> {
     out
 }
 
+fn zstd_decode(data: &[u8]) -> Vec<u8> {
+    zstd_filter(&["-d"], data)
+}
+
 fn zstd_encode(data: &[u8]) -> Vec<u8> {
-    let mut child = Command::new("zstd")
-        .args(["-c", "-q"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("zstd");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = data.to_vec();
-    let w = std::thread::spawn(move || stdin.write_all(&input));
-    let mut out = Vec::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_end(&mut out)
-        .expect("read");
-    w.join().expect("writer").expect("write");
-    assert!(child.wait().expect("wait").success());
-    out
+    zstd_filter(&[], data)
 }
 
 #[test]

@@ -243,15 +243,11 @@ async fn handshake(
     }
 }
 
-async fn reply(w: &mut Wr, error: u32, handle: u64, data: Option<&[u8]>) -> std::io::Result<()> {
-    w.write_u32(SIMPLE_REPLY_MAGIC).await?;
-    w.write_u32(error).await?;
-    w.write_u64(handle).await?;
-    if let Some(d) = data {
-        w.write_all(d).await?;
-    }
-    w.flush().await
-}
+/// One reply for the writer task: error code, handle, and data for a successful read.
+type Reply = (u32, u64, Option<Vec<u8>>);
+
+/// Most reads in flight per connection (each holds one buffer of at most 32 MiB).
+const MAX_IN_FLIGHT: usize = 32;
 
 async fn handle(stream: UnixStream, reader: Arc<ImageReader>, name: &str) -> std::io::Result<()> {
     let (rd, wr) = stream.into_split();
@@ -260,6 +256,42 @@ async fn handle(stream: UnixStream, reader: Arc<ImageReader>, name: &str) -> std
     if handshake(&mut r, &mut w, &reader, name).await?.is_none() {
         return Ok(());
     }
+    // Requests are read in order, served concurrently, and answered as they complete
+    // (NBD matches replies by handle), so a client's queue depth is used.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
+    let writer = tokio::spawn(async move {
+        while let Some((error, handle, data)) = rx.recv().await {
+            w.write_u32(SIMPLE_REPLY_MAGIC).await?;
+            w.write_u32(error).await?;
+            w.write_u64(handle).await?;
+            if let Some(d) = data {
+                w.write_all(&d).await?;
+            }
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+        }
+        w.flush().await
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let res = serve_requests(&mut r, &reader, &tx, &slots).await;
+    drop(tx);
+    let wres = writer.await.map_err(std::io::Error::other)?;
+    res.and(wres)
+}
+
+async fn send(tx: &tokio::sync::mpsc::Sender<Reply>, reply: Reply) -> std::io::Result<()> {
+    tx.send(reply)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reply writer ended"))
+}
+
+async fn serve_requests(
+    r: &mut Rd,
+    reader: &Arc<ImageReader>,
+    tx: &tokio::sync::mpsc::Sender<Reply>,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<()> {
     let size = reader.size();
     loop {
         let magic = match r.read_u32().await {
@@ -280,23 +312,36 @@ async fn handle(stream: UnixStream, reader: Arc<ImageReader>, name: &str) -> std
                 if len > MAX_REQUEST || offset.checked_add(u64::from(len)).is_none_or(|e| e > size)
                 {
                     tracing::debug!(offset, len, "nbd read out of range");
-                    reply(&mut w, EINVAL, handle, None).await?;
+                    send(tx, (EINVAL, handle, None)).await?;
                     continue;
                 }
+                let permit = slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(std::io::Error::other)?;
                 let rd = reader.clone();
-                let res = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    rd.read_at(&mut buf, offset).map(|()| buf)
-                })
-                .await
-                .map_err(std::io::Error::other)?;
-                match res {
-                    Ok(buf) => reply(&mut w, 0, handle, Some(&buf)).await?,
-                    Err(e) => {
-                        tracing::error!(offset, len, "nbd read failed, replying EIO: {e}");
-                        reply(&mut w, EIO, handle, None).await?;
-                    }
-                }
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let res = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len as usize];
+                        rd.read_at(&mut buf, offset).map(|()| buf)
+                    })
+                    .await;
+                    let reply = match res {
+                        Ok(Ok(buf)) => (0, handle, Some(buf)),
+                        Ok(Err(e)) => {
+                            tracing::error!(offset, len, "nbd read failed, replying EIO: {e}");
+                            (EIO, handle, None)
+                        }
+                        Err(e) => {
+                            tracing::error!(offset, len, "nbd read task failed, replying EIO: {e}");
+                            (EIO, handle, None)
+                        }
+                    };
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
             }
             CMD_WRITE => {
                 if len > MAX_REQUEST {
@@ -304,12 +349,12 @@ async fn handle(stream: UnixStream, reader: Arc<ImageReader>, name: &str) -> std
                 }
                 let mut sink = vec![0u8; len as usize];
                 r.read_exact(&mut sink).await?;
-                reply(&mut w, EPERM, handle, None).await?;
+                send(tx, (EPERM, handle, None)).await?;
             }
             CMD_DISC => return Ok(()),
-            CMD_FLUSH => reply(&mut w, 0, handle, None).await?,
-            CMD_TRIM => reply(&mut w, EPERM, handle, None).await?,
-            _ => reply(&mut w, EINVAL, handle, None).await?,
+            CMD_FLUSH => send(tx, (0, handle, None)).await?,
+            CMD_TRIM => send(tx, (EPERM, handle, None)).await?,
+            _ => send(tx, (EINVAL, handle, None)).await?,
         }
     }
 }
