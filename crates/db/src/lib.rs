@@ -229,6 +229,8 @@ pub trait Db: Send + Sync + fmt::Debug {
     fn create_user(&self, name: &str, policy: &str, now: u64) -> DbFuture<'_, ()>;
     /// One user.
     fn user(&self, name: &str) -> DbFuture<'_, Option<UserRow>>;
+    /// One user with the JSON of their policy, in one query (the check-in's read).
+    fn user_with_policy(&self, name: &str) -> DbFuture<'_, Option<(UserRow, String)>>;
     /// Every user, by name.
     fn users(&self) -> DbFuture<'_, Vec<UserRow>>;
     /// Sets a user's policy and assignments.
@@ -484,6 +486,28 @@ macro_rules! impl_db {
                         .await
                         .map_err(q("read user"))?;
                     row.as_ref().map(Self::user_from).transpose()
+                })
+            }
+
+            fn user_with_policy(&self, name: &str) -> DbFuture<'_, Option<(UserRow, String)>> {
+                let name = name.to_string();
+                Box::pin(async move {
+                    use sqlx::Row as _;
+                    let row = sqlx::query::<$db>(
+                        "SELECT u.*, p.body AS policy_body FROM users u \
+                         JOIN policies p ON p.name = u.policy WHERE u.name = $1",
+                    )
+                    .bind(&name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(q("read user and policy"))?;
+                    match row {
+                        None => Ok(None),
+                        Some(r) => Ok(Some((
+                            Self::user_from(&r)?,
+                            r.try_get("policy_body").map_err(q("read policy"))?,
+                        ))),
+                    }
                 })
             }
 

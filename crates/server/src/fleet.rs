@@ -71,21 +71,6 @@ pub async fn enroll(
     }))
 }
 
-/// The policy in force for a user: by name, falling back to defaults for an empty body.
-pub(crate) async fn policy_of(st: &AppState, name: &str) -> Result<Policy, ApiError> {
-    let json = st
-        .db
-        .policy(name)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("policy {name} not found")))?;
-    serde_json::from_str(&json).map_err(|source| {
-        ApiError::Internal(InternalError::Stored {
-            what: "policy",
-            source,
-        })
-    })
-}
-
 /// `POST /v1/checkin`.
 pub async fn checkin(
     State(st): State<AppState>,
@@ -94,12 +79,17 @@ pub async fn checkin(
 ) -> Result<Json<CheckinResponse>, ApiError> {
     let report: CheckinRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
     let now = now();
-    let user = st
+    let (user, policy_json) = st
         .db
-        .user(&dev.user)
+        .user_with_policy(&dev.user)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("user {} not found", dev.user)))?;
-    let policy = policy_of(&st, &user.policy).await?;
+    let policy: Policy = serde_json::from_str(&policy_json).map_err(|source| {
+        ApiError::Internal(InternalError::Stored {
+            what: "policy",
+            source,
+        })
+    })?;
     let (lease, kill, not_after) = match dev.status {
         DeviceStatus::Active => {
             let not_after = now + u64::from(policy.lease_days) * 86_400;

@@ -57,6 +57,13 @@ async fn story(db: &dyn Db) {
         alice
     );
     assert!(db.user("bob").await.expect("read").is_none());
+    let (u, p) = db
+        .user_with_policy("alice")
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!((u, p.as_str()), (alice.clone(), r#"{"lease_days":2}"#));
+    assert!(db.user_with_policy("bob").await.expect("read").is_none());
 
     // Enrollment tokens: single use, expiry, unknown.
     db.add_enroll_token("t1", "alice", 100, 200)
