@@ -39,6 +39,9 @@ pub trait Hooks: CorporateVms {
     fn apply_target(&self, _target: &TargetState) -> Result<(), String> {
         Ok(())
     }
+    /// Told every minute by the run loop what a running corporate VM must do under the
+    /// lease: run, warn the user, shut down cleanly within the grace period, or stop.
+    fn enforce_lease(&self, _what: lease::Enforcement) {}
 }
 
 impl Hooks for kill::NoVms {}
@@ -354,6 +357,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CheckinError> {
     tokio::pin!(shutdown);
+    let mut enforcer = Enforcer::default();
     let mut failures: u32 = 0;
     let mut interval = opts.interval.unwrap_or(Duration::from_secs(3600));
     loop {
@@ -382,11 +386,67 @@ pub async fn run(
                 jitter(retry_after(failures, e.is_temporary(), interval))
             }
         };
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(wait) => {}
+        // Between check-ins, re-evaluate the lease every minute so a running corporate
+        // VM is warned, then shut down within the grace period, even when offline.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            enforce(dir, hooks, &mut enforcer);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(left.min(ENFORCE_EVERY)) => {}
+            }
         }
     }
+}
+
+/// How often the run loop re-evaluates the lease for a running corporate VM.
+const ENFORCE_EVERY: Duration = Duration::from_secs(60);
+
+/// What the enforcer remembers between evaluations.
+#[derive(Debug, Default)]
+struct Enforcer {
+    expired_since: Option<u64>,
+    last: Option<lease::Enforcement>,
+}
+
+fn enforce(dir: &AgentDir, hooks: &dyn Hooks, st: &mut Enforcer) {
+    let now = crate::now();
+    let gate = lease::check(dir, now);
+    if matches!(gate, Err(lease::LeaseError::Expired { .. })) {
+        st.expired_since.get_or_insert(now);
+    } else {
+        st.expired_since = None;
+    }
+    let e = lease::enforcement(&gate, now, st.expired_since);
+    let changed = std::mem::discriminant(&e)
+        != st.last.as_ref().map_or(
+            std::mem::discriminant(&lease::Enforcement::Run),
+            std::mem::discriminant,
+        );
+    if changed {
+        match (&e, &gate) {
+            (lease::Enforcement::Run, _) => tracing::info!("lease valid; corporate VM may run"),
+            (lease::Enforcement::Warn { secs_left }, _) => {
+                tracing::warn!(
+                    secs_left,
+                    "lease ends soon; connect to the network to renew it"
+                )
+            }
+            (lease::Enforcement::Shutdown { grace_left }, _) => {
+                tracing::warn!(grace_left, "lease ended; the corporate VM must shut down")
+            }
+            (lease::Enforcement::Stop, Err(why)) => {
+                tracing::warn!(reason = %why, "corporate VM may not run")
+            }
+            (lease::Enforcement::Stop, Ok(_)) => {}
+        }
+    }
+    st.last = Some(e);
+    hooks.enforce_lease(e);
 }
 
 /// How long to wait after the `failures`-th failure in a row: 5 s doubling up to the
