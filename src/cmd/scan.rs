@@ -204,6 +204,7 @@ fn config(l: &LimitArgs) -> ScanConfig {
         volume_timeout_secs: l.volume_timeout,
         worker_memory_mib: l.worker_memory,
         list_clean: l.all_files,
+        incremental: l.state.is_some(),
         ..ScanConfig::default()
     }
 }
@@ -309,9 +310,12 @@ fn print_human(r: &Report) {
     );
     for v in &r.volumes {
         println!(
-            "volume {} ({:?}, {}, {} at {}): {} — {} files",
+            "volume {} ({}, {}, {} at {}): {} — {} files",
             v.index,
-            v.table,
+            serde_json::to_value(v.table)
+                .ok()
+                .and_then(|t| t.as_str().map(String::from))
+                .unwrap_or_default(),
             v.fs,
             mib(v.len),
             v.start,

@@ -378,6 +378,11 @@ pub enum MatchError {
 }
 
 impl Matcher<'_> {
+    /// Whether any hash is blocklisted (else SHA-256 need not be computed).
+    pub fn has_blocklist(&self) -> bool {
+        !self.engine.blocklist.is_empty()
+    }
+
     /// The blocklist hit for a content hash, if any.
     pub fn blocklisted(&self, sha256: &[u8; 32]) -> Option<Hit> {
         self.engine.blocklist.get(sha256).map(|name| Hit {

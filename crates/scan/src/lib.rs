@@ -18,7 +18,7 @@
 //!   filesystem can at worst fail its own volume's scan.
 //! - Incremental ([`state`]): a file is skipped (rule matching only) when the previous
 //!   clean scan under the same rules digest saw the same path, file id (NTFS MFT record),
-//!   size, mtime **and SHA-256 of its content**. Content is always read and hashed: a guest
+//!   size, mtime **and BLAKE3 hash of its content**. Content is always read and hashed: a guest
 //!   that rewrites blocks under its filesystem, or resets mtimes, cannot hide a change.
 //!
 //! Entry points: [`scan_disk`] (in process, e.g. gold-image publish), [`isolate::scan_isolated`]
@@ -60,6 +60,9 @@ pub struct ScanConfig {
     pub worker_cpu_secs: u64,
     /// List clean files in the report too.
     pub list_clean: bool,
+    /// Keep incremental state (hash every file's content with BLAKE3).
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 impl Default for ScanConfig {
@@ -71,6 +74,7 @@ impl Default for ScanConfig {
             worker_memory_mib: 2048,
             worker_cpu_secs: 7200,
             list_clean: false,
+            incremental: false,
         }
     }
 }

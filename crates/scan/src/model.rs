@@ -104,7 +104,7 @@ pub struct FileResult {
     /// The outcome.
     #[serde(flatten)]
     pub verdict: Verdict,
-    /// SHA-256 of the content, when it was read.
+    /// SHA-256 of the content, when computed (blocklist in use, or the file is infected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// True when rule matching was skipped because an earlier clean scan saw the same

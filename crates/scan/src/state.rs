@@ -1,7 +1,7 @@
 //! The incremental-scan state file.
 //!
 //! JSON: `{"format": "tandem-scan-state", "version": 1, "rules_digest": …, "volumes":
-//! {"<index>@<start>": {"fs_id": …, "files": {"<path>": {id, size, mtime, sha256}}}}}`.
+//! {"<index>@<start>": {"fs_id": …, "files": {"<path>": {id, size, mtime, content (BLAKE3)}}}}}`.
 //! Only files that ended clean are recorded. The whole state is ignored when the rules
 //! digest differs (new rules must see every file again), a volume's state is ignored
 //! when its filesystem id differs. Written atomically (temp file + rename).

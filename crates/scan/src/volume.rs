@@ -22,8 +22,8 @@ pub struct FileState {
     pub size: u64,
     /// Modification time in the filesystem's own unit.
     pub mtime: i64,
-    /// SHA-256 of the content, hex.
-    pub sha256: String,
+    /// BLAKE3 of the content, hex.
+    pub content: String,
 }
 
 /// Incremental state of one volume: the files found clean, by path.
@@ -137,12 +137,26 @@ impl<'a> Ctx<'a> {
             return;
         }
         self.counts.bytes += size;
-        let sha: [u8; 32] = sha2::Sha256::digest(&buf).into();
-        let sha_hex = hex::encode(sha);
-        let mut hits: Vec<_> = self.matcher.blocklisted(&sha).into_iter().collect();
+        // Hash only what is needed: SHA-256 for a blocklist, BLAKE3 (several times faster)
+        // for the incremental state.
+        let mut sha = self
+            .matcher
+            .has_blocklist()
+            .then(|| -> [u8; 32] { sha2::Sha256::digest(&buf).into() });
+        let mut hits: Vec<_> = sha
+            .as_ref()
+            .and_then(|s| self.matcher.blocklisted(s))
+            .into_iter()
+            .collect();
+        let content = self
+            .cfg
+            .incremental
+            .then(|| blake3::hash(&buf).to_hex().to_string());
         let unchanged = hits.is_empty()
-            && self.prev.and_then(|p| p.files.get(&path)).is_some_and(|s| {
-                s.id == id && s.size == size && s.mtime == mtime && s.sha256 == sha_hex
+            && content.as_ref().is_some_and(|c| {
+                self.prev.and_then(|p| p.files.get(&path)).is_some_and(|s| {
+                    s.id == id && s.size == size && s.mtime == mtime && &s.content == c
+                })
             });
         let mut verdict = None;
         if !unchanged {
@@ -156,7 +170,11 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        if !hits.is_empty() && sha.is_none() {
+            sha = Some(sha2::Sha256::digest(&buf).into());
+        }
         self.buf = buf;
+        let sha_hex = sha.map(hex::encode);
         let verdict = verdict.unwrap_or(if hits.is_empty() {
             Verdict::Clean
         } else {
@@ -169,15 +187,15 @@ impl<'a> Ctx<'a> {
                 if unchanged {
                     self.counts.unchanged += 1;
                 }
-                self.next.files.insert(
-                    path.clone(),
-                    FileState {
+                if let Some(content) = content {
+                    let state = FileState {
                         id: id.to_string(),
                         size,
                         mtime,
-                        sha256: sha_hex.clone(),
-                    },
-                );
+                        content,
+                    };
+                    self.next.files.insert(path.clone(), state);
+                }
             }
             Verdict::Infected { .. } => self.counts.infected += 1,
             Verdict::NotScanned { .. } => self.counts.not_scanned += 1,
@@ -187,7 +205,7 @@ impl<'a> Ctx<'a> {
                 path,
                 size,
                 verdict,
-                sha256: Some(sha_hex),
+                sha256: sha_hex,
                 unchanged,
             });
         }

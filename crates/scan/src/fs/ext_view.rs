@@ -1,4 +1,5 @@
-//! ext2/3/4 through `ext4-view` (read-only by construction). Sparse files read as zeros
+//! ext2/3/4 through `ext4-view` (read-only by construction): the fallback for filesystems
+//! whose journal needs replaying, which `ext4-view` does in memory. Sparse files read as zeros
 //! where unallocated. `ext4-view` refuses some features (`inline_data`, `ea_inode`,
 //! `large_dir`, `meta_bg`…): such a volume is `not_scanned: fs_unsupported_feature`.
 

@@ -3,6 +3,7 @@
 //! scanned. Limits shared by all walkers are below.
 
 pub(crate) mod ext;
+pub(crate) mod ext_view;
 pub(crate) mod fat;
 pub(crate) mod ntfs;
 
