@@ -46,9 +46,12 @@ enum AdminCommand {
     /// One-time enrollment tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Devices: list, show, kill.
+    /// Devices: list, show, kill, replace.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Backups of users' corporate disks.
+    #[command(subcommand)]
+    Backups(BackupsCmd),
     /// Assign images and a policy to a user.
     Assign {
         /// The user.
@@ -127,6 +130,26 @@ enum DeviceCmd {
         /// Why (required; goes into the audit log).
         #[arg(long)]
         reason: String,
+    },
+    /// Move a user's corporate desktop to a new device (enrolled for the same user): the
+    /// old one is killed; the new one restores the escrowed key and latest backup.
+    Replace {
+        /// The old device.
+        old: String,
+        /// The new device.
+        new: String,
+        /// Why (required; goes into the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BackupsCmd {
+    /// List a user's backups (by user name or by one of the user's device ids).
+    List {
+        /// User name or device id.
+        who: String,
     },
 }
 
@@ -343,6 +366,47 @@ async fn admin(c: AdminClient, args: AdminArgs) -> anyhow::Result<u8> {
                 println!("lease left  {}", left(&d));
                 if let Some(r) = &d.kill_reason {
                     println!("kill reason {r}");
+                }
+            })?;
+        }
+        AdminCommand::Device(DeviceCmd::Replace { old, new, reason }) => {
+            let r: serde_json::Value = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/admin/devices/{old}/replace"),
+                    Some(&tandem_proto::backup::ReplaceRequest { new, reason }),
+                )
+                .await?;
+            emit(json, &r, || {
+                println!(
+                    "{} replaces {} for {}: the old device is killed at its next contact; the new one restores backup {} at its next corporate start",
+                    r["new"].as_str().unwrap_or("?"),
+                    r["old"].as_str().unwrap_or("?"),
+                    r["user"].as_str().unwrap_or("?"),
+                    r["latest_backup"].as_u64().map(|s| s.to_string()).unwrap_or_else(|| "(none yet)".into())
+                )
+            })?;
+        }
+        AdminCommand::Backups(BackupsCmd::List { who }) => {
+            let list: Vec<tandem_proto::backup::BackupInfo> = c
+                .call(Method::GET, &format!("/v1/admin/backups/{who}"), NO_BODY)
+                .await?;
+            emit(json, &list, || {
+                println!(
+                    "{:>5}  {:<20} {:<34} {:>10} {:>8}",
+                    "SEQ", "TAKEN", "DEVICE", "SIZE MB", "CHUNKS"
+                );
+                for b in &list {
+                    println!(
+                        "{:>5}  {:<20} {:<34} {:>10.1} {:>8}",
+                        b.seq,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(b.taken_at)
+                        ),
+                        b.device,
+                        b.size as f64 / 1e6,
+                        b.data_chunks
+                    );
                 }
             })?;
         }

@@ -50,6 +50,8 @@ enum AgentCommand {
         #[arg(long)]
         interval: Option<humantime::Duration>,
     },
+    /// Back up the corporate user disk now (same as `tandem desktop backup`).
+    Backup,
     /// Show enrollment, lease (days left), last check-in and kill state.
     Status,
     /// The corporate VM's gate: exit 0 when the lease allows starting it, 1 when refused.
@@ -61,7 +63,11 @@ enum AgentCommand {
 }
 
 /// Runs `tandem agent`.
-pub fn run(args: AgentArgs, _global: &Global) -> anyhow::Result<u8> {
+pub fn run(args: AgentArgs, global: &Global) -> anyhow::Result<u8> {
+    if let AgentCommand::Backup = args.command {
+        // Runs its own async steps; it must not start inside the agent's runtime.
+        return crate::cmd::desktop::backup_and_report(&args.dir, args.json, global);
+    }
     crate::output::block_on(agent(args))?
 }
 
@@ -109,6 +115,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             .await?;
             Ok(crate::exit::SUCCESS)
         }
+        AgentCommand::Backup => anyhow::bail!("backup runs outside the agent's runtime"),
         AgentCommand::Status => {
             let s = tandem_agent::status::status(&dir, tandem_agent::now())?;
             if json {

@@ -38,6 +38,8 @@ struct Story {
     guest_dir: PathBuf,
     /// Console lines already shown, per VM, for the current boot.
     shown: std::cell::RefCell<std::collections::HashMap<String, usize>>,
+    /// The laptop the story is on (the second one appears after the theft).
+    laptop: std::cell::RefCell<PathBuf>,
 }
 
 impl Story {
@@ -48,7 +50,17 @@ impl Story {
         self.root.join("server")
     }
     fn vms(&self) -> PathBuf {
-        self.agent().join("vms")
+        self.laptop.borrow().join("vms")
+    }
+
+    fn laptop2(&self) -> PathBuf {
+        self.root.join("laptop2")
+    }
+
+    /// Moves the story to another laptop.
+    fn switch_to(&self, laptop: PathBuf) {
+        *self.laptop.borrow_mut() = laptop;
+        self.shown.borrow_mut().clear();
     }
 
     fn say(&mut self, title: &str) {
@@ -157,7 +169,7 @@ impl Story {
 
     /// Starts a desktop and waits until its console is ready.
     fn start_desktop(&self, desktop: &str) -> anyhow::Result<()> {
-        let agent = self.agent();
+        let agent = self.laptop.borrow().clone();
         self.run(&[
             "desktop",
             "start",
@@ -250,6 +262,7 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
         step: 0,
         guest_dir: args.guest_dir.clone(),
         shown: Default::default(),
+        laptop: std::cell::RefCell::new(root.join("laptop")),
     };
 
     s.say("Build the demo guest (Debian cloud kernel, busybox initramfs, gold v1/v2 and personal root disks)");
@@ -396,6 +409,8 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
     s.start_desktop("corporate")?;
     s.type_into("corporate", "echo 'Q3 plan, draft 2' > /home/user/notes.txt; echo 'malware' > /usr/bin/evil; sync; echo tandem-demo: saved")?;
     s.console_until("corporate", "tandem-demo: saved")?;
+    s.note("back up the user disk while the desktop runs (paused for the copy, then resumed):");
+    s.run(&["desktop", "backup", "--dir", &agent_s])?;
     s.run(&["desktop", "stop", "corporate", "--dir", &agent_s])?;
 
     s.say("IT publishes gold v2; the laptop sees how little will move, then pulls it");
@@ -445,7 +460,6 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
         "ls /usr/bin/evil 2>/dev/null || echo tandem-demo: system change gone",
     )?;
     let lines = s.console_until("corporate", "tandem-demo: system change gone")?;
-    s.shown.borrow_mut().insert("corporate".into(), 0);
     if !lines.iter().any(|l| l.contains("tandem-gold 2")) {
         bail!("the corporate desktop did not boot gold v2");
     }
@@ -455,7 +469,14 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
     {
         bail!("the user's file did not survive the update");
     }
+    s.type_into(
+        "corporate",
+        "echo 'Q3 plan, final' >> /home/user/notes.txt; sync; echo tandem-demo: edited",
+    )?;
+    s.console_until("corporate", "tandem-demo: edited")?;
     s.run(&["desktop", "stop", "corporate", "--dir", &agent_s])?;
+    s.note("the next backup (desktop off) moves only what changed:");
+    s.run(&["desktop", "backup", "--dir", &agent_s])?;
 
     s.say("The personal desktop: the user breaks it, rolls back, then resets it");
     s.start_desktop("personal")?;
@@ -481,21 +502,39 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
     s.console_until("personal", "tandem-personal-state: pristine")?;
     s.run(&["desktop", "stop", "personal", "--dir", &agent_s])?;
 
-    s.say("The laptop is stolen: IT kills it; at its next contact it crypto-erases corporate data");
-    let status = s.json(&["agent", "status", "--dir", &agent_s, "--json"])?;
-    let device = status["device"]
+    s.say("The laptop is stolen: IT enrolls a replacement and moves alice's desktop to it");
+    let device_of = |dir: &str| -> anyhow::Result<String> {
+        let status = s.json(&["agent", "status", "--dir", dir, "--json"])?;
+        Ok(status["device"]
+            .as_str()
+            .or_else(|| status["device_id"].as_str())
+            .context("agent status names no device")?
+            .to_string())
+    };
+    let device = device_of(&agent_s)?;
+    let laptop2 = s.laptop2();
+    let laptop2_s = laptop2.to_string_lossy().into_owned();
+    let token2 = s.json(&["admin", "token", "create", "--user", "alice", "--json"])?;
+    let token2 = token2["token"]
         .as_str()
-        .or_else(|| status["device_id"].as_str())
-        .context("agent status names no device")?
+        .context("token create printed no token")?
         .to_string();
+    s.run(&[
+        "agent", "enroll", "--dir", &laptop2_s, "--server", &url, "--token", &token2,
+    ])?;
+    let device2 = device_of(&laptop2_s)?;
     s.run(&[
         "admin",
         "device",
-        "kill",
+        "replace",
         &device,
+        &device2,
         "--reason",
         "reported stolen",
     ])?;
+    s.run(&["admin", "backups", "list", "alice"])?;
+
+    s.say("The stolen laptop calls in: it stops the corporate VM and crypto-erases corporate data");
     let _ = s.run(&["agent", "check-in", "--dir", &agent_s]);
     s.refused(&["desktop", "start", "corporate", "--dir", &agent_s])?;
     let keys_left = agent.join("keys").join("wrap.key").exists();
@@ -512,9 +551,31 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
     if keys_left || disk_left {
         bail!("the kill did not erase the corporate data");
     }
-    s.run(&["admin", "audit", "--device", &device])?;
 
-    s.say("Not shown yet: backup of the user disk and re-provisioning onto a new laptop (issue 5, in progress)");
+    s.say("The replacement laptop checks in, syncs, and starts alice's corporate desktop: her file is back");
+    s.switch_to(laptop2.clone());
+    s.run(&["agent", "check-in", "--dir", &laptop2_s])?;
+    s.run(&[
+        "image",
+        "pull",
+        "corp-gold@2",
+        "--server",
+        &url,
+        "--dir",
+        &laptop2_s,
+        "--image-key",
+        &key,
+    ])?;
+    s.start_desktop("corporate")?;
+    let lines = s.console_until("corporate", "tandem-boot: ready")?;
+    if !lines
+        .iter()
+        .any(|l| l.contains("tandem-user-file: Q3 plan, draft 2"))
+    {
+        bail!("the user's file did not come back on the replacement laptop");
+    }
+    s.run(&["desktop", "stop", "corporate", "--dir", &laptop2_s])?;
+    s.run(&["admin", "audit", "--device", &device])?;
     println!(
         "\nDemo complete: every step above ran the real binary, QEMU and server on this machine."
     );

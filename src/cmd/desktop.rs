@@ -84,6 +84,15 @@ enum DesktopCommand {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Back up the corporate user disk now (point-in-time; only what the server lacks
+    /// travels).
+    Backup {
+        #[command(flatten)]
+        dir: AgentDirArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Both desktops' states.
     Status {
         #[command(flatten)]
@@ -132,6 +141,7 @@ pub fn run(args: DesktopArgs, global: &Global) -> anyhow::Result<u8> {
             let _ = st;
             Ok(exit::SUCCESS)
         }
+        DesktopCommand::Backup { dir, json } => backup_and_report(&dir.dir, json, global),
         DesktopCommand::Status { dir, json } => {
             let layout = Layout::new(&dir.dir);
             let all = tandem_vm::rundir::list(&layout.vms_dir())?;
@@ -291,12 +301,7 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
                 .unwrap_or(0);
             let lease = tandem_agent::lease::check(&agent, now)?;
             tracing::info!(days_left = lease.days_left, "lease valid");
-            let keys = tandem_desktop::keys::UserDiskKeys::new(&layout.keys_dir());
-            let key = if keys.exists() || layout.corporate_user_disk().exists() {
-                keys.unwrap()?
-            } else {
-                keys.create()?
-            };
+            let key = user_disk_key(&agent, &layout)?;
             let (base_disk, sidecars) = resolve_base(&layout, desktop, base)?;
             prepare::corporate(
                 &layout,
@@ -319,6 +324,89 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
     // QEMU has read the passphrase: remove it from disk.
     drop(prepared.secret);
     Ok(st)
+}
+
+/// The corporate user disk key: unwrapped locally; or, on a new or re-provisioned device,
+/// the escrowed key plus the latest backup of the user disk; or, for a brand-new user, a
+/// fresh key that is escrowed on the server at once.
+fn user_disk_key(
+    agent: &tandem_agent::AgentDir,
+    layout: &Layout,
+) -> anyhow::Result<tandem_desktop::keys::SecretKey> {
+    use tandem_desktop::keys::{SecretKey, UserDiskKeys};
+    let keys = UserDiskKeys::new(&layout.keys_dir());
+    if keys.exists() || layout.corporate_user_disk().exists() {
+        return Ok(keys.unwrap()?);
+    }
+    let escrowed = crate::output::block_on(tandem_agent::backup::escrow_get(agent))?
+        .context("fetching the escrowed user disk key from the server")?;
+    match escrowed {
+        Some(text) => {
+            let key = SecretKey::from_base64(&text)?;
+            keys.install(&key)?;
+            let disk = layout.corporate_user_disk();
+            let restored =
+                crate::output::block_on(tandem_agent::backup::restore_latest(agent, &disk))?
+                    .context("restoring the latest backup of the user disk")?;
+            match restored {
+                Some(r) => eprintln!(
+                    "corporate: restored the user disk from backup {} ({} chunks, {:.1} MB)",
+                    r.seq,
+                    r.chunks,
+                    r.disk_bytes as f64 / 1e6
+                ),
+                None => eprintln!(
+                    "corporate: the server holds no backup yet; a new user disk is created"
+                ),
+            }
+            Ok(key)
+        }
+        None => {
+            let key = keys.create()?;
+            crate::output::block_on(tandem_agent::backup::escrow_put(agent, &key.to_base64()))?
+                .context("escrowing the new user disk key on the server (nothing was started; retry when the server is reachable)")
+                .inspect_err(|_| {
+                    // Without escrow the disk could never be re-provisioned: do not keep it.
+                    let _ = std::fs::remove_file(layout.keys_dir().join("user-disk.wrapped"));
+                })?;
+            Ok(key)
+        }
+    }
+}
+
+/// `tandem desktop backup` / `tandem agent backup`: back up and say what moved.
+pub fn backup_and_report(dir: &Path, json: bool, global: &Global) -> anyhow::Result<u8> {
+    let report = backup(dir)?;
+    if json {
+        print_json(&report)?;
+    } else if !global.quiet {
+        println!(
+            "backup {} committed: disk {:.1} MB, {} data chunks, {} uploaded ({:.2} MB); the rest was already on the server",
+            report.backup.seq,
+            report.disk_bytes as f64 / 1e6,
+            report.data_chunks,
+            report.uploaded_chunks,
+            report.uploaded_bytes as f64 / 1e6
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// Backs up the corporate user disk: a point-in-time copy, then only the chunks the
+/// server lacks.
+fn backup(dir: &Path) -> anyhow::Result<tandem_agent::backup::BackupReport> {
+    let layout = Layout::new(dir);
+    let agent = tandem_agent::AgentDir::new(dir);
+    std::fs::create_dir_all(layout.run_dir())?;
+    let copy = layout.run_dir().join("user-backup.qcow2");
+    let taken_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    tandem_desktop::prepare::user_disk_copy(&layout, &copy)?;
+    let result = crate::output::block_on(tandem_agent::backup::upload(&agent, &copy, taken_at));
+    let _ = std::fs::remove_file(&copy);
+    result?.context("uploading the backup (the previous backup stays the latest)")
 }
 
 /// `tandem vm snapshot|snapshots|rollback|reset` on a desktop.

@@ -139,7 +139,11 @@ pub fn run(args: StoreArgs, global: &Global) -> anyhow::Result<u8> {
         }
         StoreCommand::Gc(a) => {
             let o = open(&a.place)?;
-            let live = o.catalog.live_chunks(&o.trusted)?;
+            let mut live = o.catalog.live_chunks(&o.trusted)?;
+            if let Some(data) = &a.place.data {
+                // Users' backups share the server's store: their chunks are live too.
+                live.extend(tandem_server::backups::BackupService::live_chunks(data)?);
+            }
             let r = o.store.gc(&live, Duration::from_secs(a.grace_secs))?;
             if a.place.json {
                 print_json(&r)?;

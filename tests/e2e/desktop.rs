@@ -180,6 +180,9 @@ fn demo_runs_the_whole_story() {
         "[personal console] tandem-personal-state: tuned",
         "[personal console] tandem-personal-state: pristine",
         "corporate keys on the laptop: destroyed; corporate user disk: deleted",
+        "backup 1 committed",
+        "backup 2 committed",
+        "corporate: restored the user disk from backup 2",
         "Demo complete",
     ] {
         assert!(

@@ -152,3 +152,36 @@ pub fn personal(
         secret: None,
     })
 }
+
+/// Makes a consistent point-in-time copy of the corporate user disk at `out`. With the VM
+/// running, its vCPUs are paused for the copy (QEMU flushes its qcow2 metadata when it
+/// stops the VM) and resumed afterwards, even if the copy fails.
+pub fn user_disk_copy(layout: &Layout, out: &std::path::Path) -> Result<(), DesktopError> {
+    let disk = layout.corporate_user_disk();
+    if !disk.exists() {
+        return Err(DesktopError::Io {
+            path: disk,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no corporate user disk yet: start the corporate desktop once",
+            ),
+        });
+    }
+    let copy = |src: &std::path::Path| -> Result<(), DesktopError> {
+        let tmp = out.with_extension("tmp");
+        std::fs::copy(src, &tmp).map_err(|e| DesktopError::io(&tmp, e))?;
+        std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+    };
+    if !crate::personal::is_running(layout, Desktop::Corporate)? {
+        return copy(&disk);
+    }
+    let rd = tandem_vm::rundir::RunDir::existing(&layout.vms_dir(), Desktop::Corporate.name())?;
+    let mut q = tandem_vm::Qmp::connect(&rd.qmp_socket(), std::time::Duration::from_secs(30))
+        .map_err(tandem_vm::VmError::from)?;
+    q.pause().map_err(tandem_vm::VmError::from)?;
+    let result = copy(&disk);
+    let resumed = q.resume().map_err(tandem_vm::VmError::from);
+    result?;
+    resumed?;
+    Ok(())
+}

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod fleet;
 pub mod ids;
 pub mod manifest;

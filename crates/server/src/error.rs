@@ -47,6 +47,9 @@ pub enum ApiError {
 /// Server-side failures, never shown to clients.
 #[derive(Debug, thiserror::Error)]
 pub enum InternalError {
+    /// The chunk store or a data file failed.
+    #[error("storage: {0}")]
+    Storage(String),
     /// The metadata database failed.
     #[error(transparent)]
     Db(#[from] tandem_db::DbError),

@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backups;
 pub mod error;
 pub mod fleet;
 pub mod images;
@@ -247,7 +248,11 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let access: Arc<dyn images::ImageAccess> = server.state.access.clone();
     let service = images::ImageService::open(&server.state.data_dir, access)?;
-    let app = router_with(server.state, images::routes(service));
+    let backups = backups::routes(backups::BackupState {
+        svc: backups::BackupService::new(&server.state.data_dir, service.store().clone()),
+        app: server.state.clone(),
+    });
+    let app = router_with(server.state, images::routes(service).merge(backups));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,0 +1,94 @@
+//! Backups of the corporate user disk and the escrow of its key: the bodies that travel
+//! between the agent and the server.
+//!
+//! Backups belong to a **user**, not a device: a replacement laptop enrolled for the same
+//! user restores the latest one. A backup is committed only when every chunk its manifest
+//! names is on the server, so an interrupted upload never becomes the latest backup.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+
+/// `POST /v1/backups`: a finished upload, committed if every chunk is present.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupUpload {
+    /// The disk as chunks (name `backup:<user>`, version ignored: the server numbers it).
+    pub manifest: Manifest,
+    /// When the point-in-time copy was taken (device clock, unix seconds).
+    pub taken_at: u64,
+}
+
+/// One committed backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupRecord {
+    /// Owner.
+    pub user: String,
+    /// Sequence number, increasing per user.
+    pub seq: u64,
+    /// The device that uploaded it.
+    pub device: String,
+    /// When the copy was taken (device clock).
+    pub taken_at: u64,
+    /// When the server committed it.
+    pub committed_at: u64,
+    /// The disk.
+    pub manifest: Manifest,
+}
+
+/// A summary for listings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// Owner.
+    pub user: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// Uploading device.
+    pub device: String,
+    /// When the copy was taken.
+    pub taken_at: u64,
+    /// When it was committed.
+    pub committed_at: u64,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Chunks that hold data (holes excluded).
+    pub data_chunks: u64,
+}
+
+impl From<&BackupRecord> for BackupInfo {
+    fn from(r: &BackupRecord) -> Self {
+        BackupInfo {
+            user: r.user.clone(),
+            seq: r.seq,
+            device: r.device.clone(),
+            taken_at: r.taken_at,
+            committed_at: r.committed_at,
+            size: r.manifest.size,
+            data_chunks: r.manifest.chunks.iter().filter(|c| c.is_some()).count() as u64,
+        }
+    }
+}
+
+/// `PUT/GET /v1/escrow`: the user disk key, held by the server for re-provisioning.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Escrow {
+    /// The key, base64 (32 bytes).
+    pub key: String,
+}
+
+impl std::fmt::Debug for Escrow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Escrow { key: **** }")
+    }
+}
+
+/// `POST /v1/admin/devices/{old}/replace`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceRequest {
+    /// The new device, already enrolled for the same user.
+    pub new: String,
+    /// Why (audit log).
+    pub reason: String,
+}
