@@ -134,3 +134,22 @@ pub(crate) fn open_image_at_depth(path: &Path, depth: usize) -> Result<Box<dyn R
         Ok(Box::new(raw))
     }
 }
+
+/// Interprets a view that holds an image file's bytes (e.g. a qcow2 kept in the chunk
+/// store as a backup): a qcow2 (without backing file) is opened over it, anything else is
+/// taken as a raw disk.
+pub fn open_view(
+    view: std::sync::Arc<dyn ReadAt>,
+    label: &Path,
+) -> Result<Box<dyn ReadAt>, DiskError> {
+    let mut magic = [0u8; 4];
+    if view.size() >= 4 {
+        view.read_at(&mut magic, 0)
+            .map_err(|source| DiskError::ReadAt { offset: 0, source })?;
+    }
+    if magic == qcow2::MAGIC {
+        Ok(Box::new(Qcow2::open_view(view, label)?))
+    } else {
+        Ok(Box::new(view))
+    }
+}

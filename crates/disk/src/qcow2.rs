@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -48,7 +47,7 @@ enum Mapping {
 
 /// One open qcow2 image with its backing chain already opened.
 pub struct Qcow2 {
-    file: std::fs::File,
+    host: Arc<dyn ReadAt>,
     path: PathBuf,
     file_len: u64,
     cluster_bits: u32,
@@ -80,21 +79,28 @@ fn be64(b: &[u8], at: usize) -> u64 {
 impl Qcow2 {
     /// Opens `path` and its backing chain. `depth` is how many overlays sit above it.
     pub(crate) fn open(path: &Path, depth: usize) -> Result<Self, DiskError> {
+        let host: Arc<dyn ReadAt> = Arc::new(RawFile::open(path)?);
+        Self::open_on(host, path, depth, true)
+    }
+
+    /// Reads a qcow2 whose bytes come from another view (e.g. a qcow2 file kept in the
+    /// chunk store). `label` names it in errors. A backing file cannot be followed from
+    /// there and is refused.
+    pub fn open_view(host: Arc<dyn ReadAt>, label: &Path) -> Result<Self, DiskError> {
+        Self::open_on(host, label, 0, false)
+    }
+
+    fn open_on(
+        host: Arc<dyn ReadAt>,
+        path: &Path,
+        depth: usize,
+        allow_backing: bool,
+    ) -> Result<Self, DiskError> {
         let bad = |detail: String| DiskError::Qcow2 {
             path: path.to_path_buf(),
             detail,
         };
-        let file = std::fs::File::open(path).map_err(|source| DiskError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file_len = file
-            .metadata()
-            .map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
+        let file_len = host.size();
         let mut h = [0u8; 112];
         if file_len < 72 {
             return Err(bad(format!(
@@ -102,7 +108,7 @@ impl Qcow2 {
             )));
         }
         let hl = (file_len.min(112)) as usize;
-        file.read_exact_at(&mut h[..hl], 0)
+        host.read_at(&mut h[..hl], 0)
             .map_err(|source| DiskError::Read {
                 path: path.to_path_buf(),
                 offset: 0,
@@ -172,7 +178,7 @@ impl Qcow2 {
                 tracing::warn!(path = %path.display(), "qcow2 image is marked corrupt; reading it anyway");
             }
         }
-        let backing_format = read_extensions(&file, path, header_len, cluster_size, file_len)?;
+        let backing_format = read_extensions(&*host, path, header_len, cluster_size, file_len)?;
         // The L1 table must cover the guest size, within QEMU's limit.
         let l2_entries = cluster_size / 8;
         let needed = size.div_ceil(cluster_size).div_ceil(l2_entries);
@@ -201,7 +207,7 @@ impl Qcow2 {
             )));
         }
         let mut raw = vec![0u8; (l1_size * 8) as usize];
-        file.read_exact_at(&mut raw, l1_offset)
+        host.read_at(&mut raw, l1_offset)
             .map_err(|source| DiskError::Read {
                 path: path.to_path_buf(),
                 offset: l1_offset,
@@ -221,7 +227,7 @@ impl Qcow2 {
             {
                 return Err(bad("backing file name lies past the end of the file".into()));
             }
-            file.read_exact_at(&mut name, backing_offset)
+            host.read_at(&mut name, backing_offset)
                 .map_err(|source| DiskError::Read {
                     path: path.to_path_buf(),
                     offset: backing_offset,
@@ -229,13 +235,19 @@ impl Qcow2 {
                 })?;
             let name = String::from_utf8(name)
                 .map_err(|_| bad("backing file name is not UTF-8".into()))?;
+            if !allow_backing {
+                return Err(DiskError::Unsupported {
+                    path: path.to_path_buf(),
+                    detail: format!("this qcow2 names a backing file {name:?} that cannot be reached from where it is stored"),
+                });
+            }
             Some(open_backing(path, &name, backing_format.as_deref(), depth)?)
         } else {
             None
         };
         tracing::debug!(path = %path.display(), size, cluster_size, backing = backing.is_some(), "opened qcow2");
         Ok(Qcow2 {
-            file,
+            host,
             path: path.to_path_buf(),
             file_len,
             cluster_bits,
@@ -271,7 +283,7 @@ impl Qcow2 {
             return Err(self.io_err(format!("L2 table offset {offset} is misaligned or past the end of the file (truncated image?)")));
         }
         let mut raw = vec![0u8; cs as usize];
-        self.file.read_exact_at(&mut raw, offset)?;
+        self.host.read_at(&mut raw, offset)?;
         let table: Arc<Vec<u64>> = Arc::new(raw.chunks_exact(8).map(|c| be64(c, 0)).collect());
         if (cache.len() as u64 + 1) * cs > L2_CACHE_BYTES {
             cache.clear();
@@ -341,7 +353,7 @@ impl Qcow2 {
             )));
         }
         let mut comp = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut comp, off)?;
+        self.host.read_at(&mut comp, off)?;
         let mut out = vec![0u8; self.cluster_size() as usize];
         let mut dec = zstd::stream::read::Decoder::new(&comp[..])?;
         use io::Read as _;
@@ -377,7 +389,7 @@ impl ReadAt for Qcow2 {
                     if at + n as u64 > self.file_len {
                         return Err(self.io_err(format!("data cluster at {host} lies past the end of the file (truncated image?)")));
                     }
-                    self.file.read_exact_at(piece, at)?;
+                    self.host.read_at(piece, at)?;
                 }
                 Mapping::Compressed(off, len) => self.read_compressed(piece, within, off, len)?,
             }
@@ -389,7 +401,7 @@ impl ReadAt for Qcow2 {
 
 /// Walks the header extensions; returns the backing format name if one is recorded.
 fn read_extensions(
-    file: &std::fs::File,
+    file: &dyn ReadAt,
     path: &Path,
     start: u64,
     cluster_size: u64,
@@ -403,7 +415,7 @@ fn read_extensions(
             break;
         }
         let mut h = [0u8; 8];
-        file.read_exact_at(&mut h, pos)
+        file.read_at(&mut h, pos)
             .map_err(|source| DiskError::Read {
                 path: path.to_path_buf(),
                 offset: pos,
@@ -422,7 +434,7 @@ fn read_extensions(
         match ty {
             0xe279_2aca if len <= 64 => {
                 let mut name = vec![0u8; len as usize];
-                file.read_exact_at(&mut name, pos + 8)
+                file.read_at(&mut name, pos + 8)
                     .map_err(|source| DiskError::Read {
                         path: path.to_path_buf(),
                         offset: pos + 8,

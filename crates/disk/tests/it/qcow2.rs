@@ -217,3 +217,40 @@ fn backing_loop_is_an_error() {
     let err = open_image(&b).expect_err("loop");
     assert!(err.to_string().contains("deeper"), "{err}");
 }
+
+#[test]
+fn qcow2_bytes_held_in_another_view_are_read_the_same() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let base = d.path().join("base.raw");
+    let data = pattern(1 << 20, 4);
+    std::fs::write(&base, &data).expect("write");
+    let q = d.path().join("q.qcow2");
+    sh("qemu-img", &["convert", "-O", "qcow2", s(&base), s(&q)]);
+    let held: Arc<dyn ReadAt> = Arc::new(tandem_disk::MemDisk(std::fs::read(&q).expect("read")));
+    let v = tandem_disk::open_view(held, &q).expect("open view");
+    assert_eq!(read_all(&*v), data);
+    let raw: Arc<dyn ReadAt> = Arc::new(tandem_disk::MemDisk(data.clone()));
+    assert_eq!(
+        read_all(&*tandem_disk::open_view(raw, &base).expect("raw")),
+        data
+    );
+    // An overlay kept in a store cannot reach its backing file: refused, clearly.
+    let ov = d.path().join("ov.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+            s(&ov),
+        ],
+    );
+    let held: Arc<dyn ReadAt> = Arc::new(tandem_disk::MemDisk(std::fs::read(&ov).expect("read")));
+    let err = tandem_disk::open_view(held, &ov).expect_err("backing refused");
+    assert!(err.to_string().contains("backing file"), "{err}");
+}
