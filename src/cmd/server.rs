@@ -11,7 +11,6 @@ mod bench;
 
 /// Arguments of `tandem server`.
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
     /// Data directory: keys, SQLite database, chunk store.
     #[arg(
@@ -35,6 +34,13 @@ pub struct ServerArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum ServerCommand {
+    /// Create another admin credential (e.g. when the first one is lost); needs the data
+    /// directory and database, not a running server.
+    AdminToken {
+        /// Name of the new credential (shown in the audit log as `admin:<name>`).
+        #[arg(long)]
+        name: String,
+    },
     /// Load generator: N simulated devices checking in concurrently (bench/checkin).
     #[command(hide = true)]
     BenchCheckin(bench::BenchArgs),
@@ -42,24 +48,47 @@ enum ServerCommand {
 
 /// Runs `tandem server`.
 pub fn run(args: ServerArgs, global: &Global) -> anyhow::Result<u8> {
-    if let Some(ServerCommand::BenchCheckin(b)) = args.command {
-        return bench::run(b, global);
+    match args.command {
+        Some(ServerCommand::BenchCheckin(b)) => bench::run(b, global),
+        Some(ServerCommand::AdminToken { ref name }) => {
+            let name = name.clone();
+            crate::output::block_on(admin_token(args, name))?
+        }
+        None => crate::output::block_on(serve(args))?,
     }
-    crate::output::block_on(serve(args))?
 }
 
-async fn serve(args: ServerArgs) -> anyhow::Result<u8> {
+async fn open(args: &ServerArgs) -> anyhow::Result<tandem_server::Server> {
     let database = args
         .database
         .as_deref()
         .map(tandem_db::DatabaseUrl::parse)
         .transpose()?;
-    let server = tandem_server::Server::open(tandem_server::ServerConfig {
+    tandem_server::Server::open(tandem_server::ServerConfig {
         data_dir: args.data.clone(),
         database,
     })
     .await
-    .with_context(|| format!("starting the server with data in {}", args.data.display()))?;
+    .with_context(|| format!("opening the server with data in {}", args.data.display()))
+}
+
+async fn admin_token(args: ServerArgs, name: String) -> anyhow::Result<u8> {
+    let server = open(&args).await?;
+    if let Some(first) = &server.first_admin_token {
+        // A brand-new data directory: the first credential is the answer.
+        println!("{}", first.0);
+        return Ok(crate::exit::SUCCESS);
+    }
+    let token = tandem_server::create_admin(&server.state, &name, "server-cli")
+        .await
+        .with_context(|| format!("creating admin credential {name:?}"))?;
+    eprintln!("tandem: admin credential {name:?} created; it is shown only once");
+    println!("{}", token.0);
+    Ok(crate::exit::SUCCESS)
+}
+
+async fn serve(args: ServerArgs) -> anyhow::Result<u8> {
+    let server = open(&args).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -833,3 +833,31 @@ fn agent_run_checks_in_until_killed_then_stops() {
     let d = f.admin(&["device", "show", &id, "--json"]).ok().json();
     assert_eq!(d["status"], "killed");
 }
+
+#[test]
+fn another_admin_credential_can_be_made_from_the_data_directory() {
+    let f = Fleet::start(Backend::Sqlite).expect("sqlite always runs");
+    let make = |name: &str| {
+        run(tandem()
+            .args(["server", "--data"])
+            .arg(f.tmp.path().join("srv"))
+            .args(["admin-token", "--name", name]))
+    };
+    let token = make("ops").ok().stdout.trim().to_string();
+    assert!(token.starts_with("tdm-admin-"), "{token}");
+    assert_ne!(token, f.token);
+    run(tandem()
+        .args(["admin", "--server", &f.url, "--token", &token])
+        .args(["user", "create", "dave"]))
+    .ok();
+    let r = make("ops").code(3);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+    let audit = f.admin(&["audit", "--json"]).ok().json();
+    let entries = audit.as_array().expect("entries");
+    assert!(entries
+        .iter()
+        .any(|e| e["action"] == "admin.created" && e["actor"] == "server-cli"));
+    assert!(entries
+        .iter()
+        .any(|e| e["action"] == "user.created" && e["actor"] == "admin:ops"));
+}

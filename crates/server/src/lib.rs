@@ -175,27 +175,36 @@ async fn bootstrap_admin(state: &AppState) -> Result<Option<AdminToken>, ServerE
     if state.db.admin_count().await? > 0 {
         return Ok(None);
     }
-    let token = auth::new_secret("tdm-admin-");
-    match state
-        .db
-        .add_admin("admin", &auth::hash_secret(&token), now())
-        .await
-    {
-        Ok(()) => {}
+    match create_admin(state, "admin", "server").await {
+        Ok(t) => Ok(Some(t)),
         // Another replica created it first.
-        Err(tandem_db::DbError::Conflict { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
+        Err(ServerError::Db(tandem_db::DbError::Conflict { .. })) => Ok(None),
+        Err(e) => Err(e),
     }
+}
+
+/// Creates an admin credential named `name` and returns it (the only time it is shown;
+/// the database keeps its hash). `actor` goes into the audit log.
+pub async fn create_admin(
+    state: &AppState,
+    name: &str,
+    actor: &str,
+) -> Result<AdminToken, ServerError> {
+    let token = auth::new_secret("tdm-admin-");
+    state
+        .db
+        .add_admin(name, &auth::hash_secret(&token), now())
+        .await?;
     audit(
         state,
-        "server",
+        actor,
         "admin.created",
         None,
         None,
-        serde_json::json!({"admin": "admin"}),
+        serde_json::json!({"admin": name}),
     )
     .await;
-    Ok(Some(AdminToken(token)))
+    Ok(AdminToken(token))
 }
 
 /// The fleet API. `extra` routes (e.g. image serving) are mounted behind the same
