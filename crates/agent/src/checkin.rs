@@ -286,6 +286,7 @@ async fn send_ack(
 }
 
 /// One check-in now.
+#[tracing::instrument(skip_all, fields(dir = %dir.root().display()))]
 pub async fn checkin_once(dir: &AgentDir, hooks: &dyn Hooks) -> Result<Outcome, CheckinError> {
     let http = client::http()?;
     if let Some(rec) = kill::record(dir)? {

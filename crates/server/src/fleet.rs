@@ -17,6 +17,7 @@ use crate::{audit, now, AppState};
 const MAX_HOSTNAME: usize = 255;
 
 /// `POST /v1/enroll`.
+#[tracing::instrument(skip_all)]
 pub async fn enroll(
     State(st): State<AppState>,
     body: Bytes,
@@ -72,6 +73,7 @@ pub async fn enroll(
 }
 
 /// `POST /v1/checkin`.
+#[tracing::instrument(skip_all, fields(device = %dev.id))]
 pub async fn checkin(
     State(st): State<AppState>,
     Device(dev): Device,
@@ -172,6 +174,7 @@ pub async fn checkin(
 }
 
 /// `POST /v1/kill-ack`.
+#[tracing::instrument(skip_all, fields(device = %dev.id))]
 pub async fn kill_ack(
     State(st): State<AppState>,
     Device(dev): Device,
