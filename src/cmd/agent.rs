@@ -95,7 +95,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             Ok(crate::exit::SUCCESS)
         }
         AgentCommand::CheckIn => {
-            let outcome = checkin::checkin_once(&dir, &tandem_agent::kill::NoVms)
+            let hooks = crate::cmd::desktop::DesktopHooks::new(&args.dir);
+            let outcome = checkin::checkin_once(&dir, &hooks)
                 .await
                 .context("checking in")?;
             report_outcome(json, &outcome)?;
@@ -104,9 +105,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         AgentCommand::Run { interval } => {
             Identity::load(&dir)?;
             eprintln!("tandem: agent running on {}", args.dir.display());
+            let hooks = crate::cmd::desktop::DesktopHooks::new(&args.dir);
             checkin::run(
                 &dir,
-                &tandem_agent::kill::NoVms,
+                &hooks,
                 checkin::RunOptions {
                     interval: interval.map(Into::into),
                 },

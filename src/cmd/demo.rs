@@ -534,8 +534,20 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
     ])?;
     s.run(&["admin", "backups", "list", "alice"])?;
 
-    s.say("The stolen laptop calls in: it stops the corporate VM and crypto-erases corporate data");
+    s.say("The thief boots the stolen laptop's corporate desktop; at its next check-in the kill lands");
+    s.note("(until it calls in, only the lease limits it: still valid, so the desktop starts)");
+    s.start_desktop("corporate")?;
     let _ = s.run(&["agent", "check-in", "--dir", &agent_s]);
+    let status = s.json(&["desktop", "status", "--dir", &agent_s, "--json"])?;
+    let corporate_phase = status
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == "corporate"))
+        .map(|v| v["phase"].as_str().unwrap_or("?").to_string())
+        .unwrap_or_else(|| "?".into());
+    s.note(&format!("corporate VM after the kill: {corporate_phase}"));
+    if corporate_phase == "running" {
+        bail!("the kill did not stop the running corporate VM");
+    }
     s.refused(&["desktop", "start", "corporate", "--dir", &agent_s])?;
     let keys_left = agent.join("keys").join("wrap.key").exists();
     let disk_left = agent.join("corporate").join("user.qcow2").exists();
@@ -555,17 +567,6 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
     s.say("The replacement laptop checks in, syncs, and starts alice's corporate desktop: her file is back");
     s.switch_to(laptop2.clone());
     s.run(&["agent", "check-in", "--dir", &laptop2_s])?;
-    s.run(&[
-        "image",
-        "pull",
-        "corp-gold@2",
-        "--server",
-        &url,
-        "--dir",
-        &laptop2_s,
-        "--image-key",
-        &key,
-    ])?;
     s.start_desktop("corporate")?;
     let lines = s.console_until("corporate", "tandem-boot: ready")?;
     if !lines

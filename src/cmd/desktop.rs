@@ -464,3 +464,82 @@ pub enum RecoveryAction {
     /// Back to the pristine base.
     Reset,
 }
+
+/// The agent's hooks into the desktops: a kill stops the corporate VM before its keys
+/// and disks go; the lease's run loop warns the user on the corporate console, then shuts
+/// the VM down cleanly, then stops it.
+pub struct DesktopHooks {
+    layout: Layout,
+}
+
+impl DesktopHooks {
+    /// Hooks for the desktops under the agent directory `dir`.
+    pub fn new(dir: &Path) -> Self {
+        DesktopHooks {
+            layout: Layout::new(dir),
+        }
+    }
+
+    fn corporate(&self) -> Option<RunDir> {
+        match personal::is_running(&self.layout, Desktop::Corporate) {
+            Ok(true) => RunDir::existing(&self.layout.vms_dir(), Desktop::Corporate.name()).ok(),
+            _ => None,
+        }
+    }
+
+    /// Stops the corporate VM on a worker thread, so the agent's loop is not blocked.
+    fn stop_in_background(&self, timeout: Duration) {
+        if let Some(rd) = self.corporate() {
+            std::thread::spawn(move || {
+                if let Err(e) = rd.stop(timeout) {
+                    tracing::warn!(error = %e, "stopping the corporate VM for the lease failed");
+                }
+            });
+        }
+    }
+}
+
+impl tandem_agent::kill::CorporateVms for DesktopHooks {
+    fn stop_all(&self) -> Result<(), String> {
+        match self.corporate() {
+            // Its disks are about to be erased: no need to wait for a clean shutdown.
+            Some(rd) => rd
+                .stop(Duration::from_secs(3))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl tandem_agent::checkin::Hooks for DesktopHooks {
+    fn enforce_lease(&self, what: tandem_agent::lease::Enforcement) {
+        use tandem_agent::lease::Enforcement;
+        match what {
+            Enforcement::Run => {}
+            Enforcement::Warn { secs_left } => {
+                if let Some(rd) = self.corporate() {
+                    let hours = secs_left / 3600;
+                    let msg = format!(
+                        "echo 'tandem: this laptop must check in with IT within {hours} h or the corporate desktop will shut down'\n"
+                    );
+                    if let Ok(mut sock) =
+                        std::os::unix::net::UnixStream::connect(rd.console_socket())
+                    {
+                        use std::io::Write as _;
+                        let _ = sock.write_all(msg.as_bytes());
+                    }
+                    tracing::warn!(secs_left, "corporate lease ends soon; user warned");
+                }
+            }
+            Enforcement::Shutdown { grace_left } => {
+                tracing::warn!(grace_left, "corporate lease expired: shutting the VM down");
+                self.stop_in_background(Duration::from_secs(grace_left.max(30)));
+            }
+            Enforcement::Stop => {
+                tracing::warn!("corporate lease expired past its grace period: stopping the VM");
+                self.stop_in_background(Duration::from_secs(5));
+            }
+        }
+    }
+}
