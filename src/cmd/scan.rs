@@ -25,6 +25,12 @@ pub struct ScanArgs {
 enum ScanCmd {
     /// Scan a raw or qcow2 disk image file (qcow2 backing chains are followed).
     Image(ImageArgs),
+    /// Scan a stored image version, NAME@VERSION or NAME for the newest (server side).
+    Version(VersionArgs),
+    /// Scan a user's latest backup (or --seq N), or the latest one a device uploaded.
+    Backup(BackupArgs),
+    /// Scan the disks of a named VM; refused while it runs.
+    Vm(VmArgs),
     /// Sign a rule bundle with the server's rules key (for distribution to agents).
     Bundle(BundleArgs),
     /// Internal: scan one volume as an isolated child process.
@@ -87,6 +93,52 @@ struct ImageArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct VersionArgs {
+    /// NAME@VERSION, or NAME for the newest version.
+    version: String,
+    /// Server data directory (store, images, keys).
+    #[arg(long, env = "TANDEM_DATA")]
+    data: PathBuf,
+    #[command(flatten)]
+    rules: RuleArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    /// Server data directory (store, backups).
+    #[arg(long, env = "TANDEM_DATA")]
+    data: PathBuf,
+    /// Whose backup.
+    #[arg(long, required_unless_present = "device", conflicts_with = "device")]
+    user: Option<String>,
+    /// The latest backup uploaded by this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// A given backup of --user instead of the latest.
+    #[arg(long, requires = "user")]
+    seq: Option<u64>,
+    #[command(flatten)]
+    rules: RuleArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct VmArgs {
+    /// VM name.
+    name: String,
+    /// Where VMs keep their state.
+    #[arg(long, env = "TANDEM_STATE_DIR", default_value = "/var/lib/tandem/vms")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    rules: RuleArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Debug, clap::Args)]
 struct BundleArgs {
     #[command(subcommand)]
     cmd: BundleCmd,
@@ -118,6 +170,46 @@ enum BundleCmd {
 pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
     match args.cmd {
         ScanCmd::Image(a) => scan_image(a, global),
+        ScanCmd::Version(a) => {
+            let (name, version) = resolve_version(&a.data, &a.version)?;
+            let source = Source::Version {
+                data: a.data.clone(),
+                name: name.clone(),
+                version,
+            };
+            let disk = open_source_any(&source)?;
+            let target = format!("{name}@{version}");
+            scan_view(
+                disk,
+                serde_json::to_value(&source)?,
+                &target,
+                &a.rules,
+                &a.limits,
+                global,
+            )
+        }
+        ScanCmd::Backup(a) => {
+            let rec = find_backup(&a.data, a.user.as_deref(), a.device.as_deref(), a.seq)?;
+            let source = Source::Backup {
+                data: a.data.clone(),
+                user: rec.user.clone(),
+                seq: rec.seq,
+            };
+            let disk = open_source_any(&source)?;
+            let target = format!(
+                "backup {} #{} of {} (device {})",
+                rec.manifest.name, rec.seq, rec.user, rec.device
+            );
+            scan_view(
+                disk,
+                serde_json::to_value(&source)?,
+                &target,
+                &a.rules,
+                &a.limits,
+                global,
+            )
+        }
+        ScanCmd::Vm(a) => scan_vm(a, global),
         ScanCmd::Bundle(BundleArgs {
             cmd:
                 BundleCmd::Sign {
@@ -161,15 +253,192 @@ pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
 enum Source {
     /// A raw or qcow2 file.
     Image { path: PathBuf },
+    /// A stored image version in a server data dir.
+    Version {
+        data: PathBuf,
+        name: String,
+        version: u64,
+    },
+    /// A user's backup in a server data dir.
+    Backup {
+        data: PathBuf,
+        user: String,
+        seq: u64,
+    },
 }
 
 fn open_source(v: &serde_json::Value) -> Result<Arc<dyn tandem_disk::ReadAt>, String> {
     let s: Source = serde_json::from_value(v.clone()).map_err(|e| format!("bad source: {e}"))?;
+    open_source_any(&s).map_err(|e| format!("{e:#}"))
+}
+
+/// Opens any source as a disk view (in the parent, and again in each worker).
+fn open_source_any(s: &Source) -> anyhow::Result<Arc<dyn tandem_disk::ReadAt>> {
     match s {
-        Source::Image { path } => tandem_disk::open_image(&path)
-            .map(Arc::from)
-            .map_err(|e| e.to_string()),
+        Source::Image { path } => Ok(Arc::from(tandem_disk::open_image(path)?)),
+        Source::Version {
+            data,
+            name,
+            version,
+        } => {
+            let keys = tandem_server::keys::ServerKeys::load_or_create(data)?;
+            let store = Arc::new(tandem_store::Store::open(&data.join("store"))?);
+            let catalog = tandem_sync::Catalog::new(&data.join("images"));
+            let (manifest, _) = catalog
+                .load(name, *version, &[keys.image.public()])
+                .with_context(|| format!("loading {name}@{version} from {}", data.display()))?;
+            let reader: Arc<dyn tandem_disk::ReadAt> =
+                Arc::new(tandem_store::ImageReader::open(store, manifest)?);
+            Ok(reader)
+        }
+        Source::Backup { data, user, seq } => {
+            let rec = find_backup(data, Some(user), None, Some(*seq))?;
+            let store = Arc::new(tandem_store::Store::open(&data.join("store"))?);
+            let label = PathBuf::from(format!("backup {user} #{seq}"));
+            let reader: Arc<dyn tandem_disk::ReadAt> =
+                Arc::new(tandem_store::ImageReader::open(store, rec.manifest)?);
+            // A backup holds the disk file's bytes: raw, or a qcow2 (without backing).
+            Ok(Arc::from(tandem_disk::open_view(reader, &label)?))
+        }
     }
+}
+
+/// NAME@VERSION, or NAME → its newest version.
+fn resolve_version(data: &Path, spec: &str) -> anyhow::Result<(String, u64)> {
+    let catalog = tandem_sync::Catalog::new(&data.join("images"));
+    match spec.split_once('@') {
+        Some((n, v)) => Ok((
+            n.to_string(),
+            v.parse()
+                .with_context(|| format!("{v:?} is not a version number"))?,
+        )),
+        None => {
+            let v = catalog.versions(spec)?.last().copied().with_context(|| {
+                format!(
+                    "no versions of {spec} in {}; see `tandem image list --data {}`",
+                    data.display(),
+                    data.display()
+                )
+            })?;
+            Ok((spec.to_string(), v))
+        }
+    }
+}
+
+/// A user's backup (given seq or latest), or the latest backup a device uploaded.
+fn find_backup(
+    data: &Path,
+    user: Option<&str>,
+    device: Option<&str>,
+    seq: Option<u64>,
+) -> anyhow::Result<tandem_proto::backup::BackupRecord> {
+    let store = Arc::new(tandem_store::Store::open(&data.join("store"))?);
+    let svc = tandem_server::backups::BackupService::new(data, store);
+    let users: Vec<String> = match user {
+        Some(u) => vec![u.to_string()],
+        None => std::fs::read_dir(data.join("backups"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| unhex(&e.file_name().to_string_lossy()))
+                    .filter_map(|b| String::from_utf8(b).ok())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut best: Option<tandem_proto::backup::BackupRecord> = None;
+    for u in users {
+        for r in svc
+            .list(&u)
+            .with_context(|| format!("listing backups of {u}"))?
+        {
+            let fits = device.is_none_or(|d| r.device == d) && seq.is_none_or(|s| r.seq == s);
+            if fits
+                && best
+                    .as_ref()
+                    .is_none_or(|b| r.committed_at >= b.committed_at)
+            {
+                best = Some(r);
+            }
+        }
+    }
+    best.with_context(|| {
+        format!(
+            "no such backup in {} (user {:?}, device {:?}, seq {:?})",
+            data.display(),
+            user,
+            device,
+            seq
+        )
+    })
+}
+
+/// Backup directories are named by the hex of the user name.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Scans every disk of a stopped VM, one report each.
+fn scan_vm(a: VmArgs, global: &Global) -> anyhow::Result<u8> {
+    let rd = tandem_vm::rundir::RunDir::existing(&a.state_dir, &a.name)
+        .with_context(|| format!("looking up VM {} in {}", a.name, a.state_dir.display()))?;
+    let st = rd.state()?;
+    if matches!(
+        st.phase,
+        tandem_vm::rundir::Phase::Running | tandem_vm::rundir::Phase::Starting
+    ) {
+        anyhow::bail!(
+            "VM {} is running; its disks change under a scan. Stop it first (`tandem vm stop {}`) and scan again",
+            a.name,
+            a.name
+        );
+    }
+    let spec = rd.read_spec()?;
+    let mut worst = exit::SUCCESS;
+    let mut docs = Vec::new();
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let target = format!("{} disk {} ({})", a.name, i, disk.path.display());
+        let code = match tandem_disk::open_image(&disk.path) {
+            Ok(view) => {
+                let source = serde_json::to_value(Source::Image {
+                    path: disk.path.clone(),
+                })?;
+                let (code, report) = scan_view_report(
+                    Arc::from(view),
+                    source,
+                    &target,
+                    &a.rules,
+                    &a.limits,
+                    global,
+                )?;
+                docs.push(serde_json::json!({ "disk": i, "path": disk.path, "report": report }));
+                code
+            }
+            Err(e) => {
+                if !a.limits.json {
+                    println!("{target}: NOT SCANNED ({e})");
+                }
+                docs.push(
+                    serde_json::json!({ "disk": i, "path": disk.path, "error": e.to_string() }),
+                );
+                exit::INCOMPLETE
+            }
+        };
+        worst = match (worst, code) {
+            (exit::FINDING, _) | (_, exit::FINDING) => exit::FINDING,
+            (exit::INCOMPLETE, _) | (_, exit::INCOMPLETE) => exit::INCOMPLETE,
+            _ => exit::SUCCESS,
+        };
+    }
+    if a.limits.json {
+        crate::output::print_json(&serde_json::json!({ "vm": a.name, "disks": docs }))?;
+    }
+    Ok(worst)
 }
 
 fn load_rules(r: &RuleArgs) -> anyhow::Result<RuleSet> {
@@ -218,6 +487,22 @@ fn scan_view(
     limits: &LimitArgs,
     global: &Global,
 ) -> anyhow::Result<u8> {
+    let (code, report) = scan_view_report(disk, source, target, rules, limits, global)?;
+    if limits.json {
+        crate::output::print_json(&report)?;
+    }
+    Ok(code)
+}
+
+/// Scans a disk view through workers; prints the human report unless --json.
+fn scan_view_report(
+    disk: Arc<dyn tandem_disk::ReadAt>,
+    source: serde_json::Value,
+    target: &str,
+    rules: &RuleArgs,
+    limits: &LimitArgs,
+    global: &Global,
+) -> anyhow::Result<(u8, Report)> {
     let set = load_rules(rules)?;
     let engine = set.compile()?;
     if !global.quiet && !limits.json {
@@ -243,16 +528,15 @@ fn scan_view(
     if let (Some(p), Some(s)) = (&limits.state, &state) {
         s.save(p)?;
     }
-    if limits.json {
-        crate::output::print_json(&report)?;
-    } else {
+    if !limits.json {
         print_human(&report);
     }
-    Ok(match report.outcome {
+    let code = match report.outcome {
         Outcome::Clean => exit::SUCCESS,
         Outcome::Infected => exit::FINDING,
         Outcome::Incomplete => exit::INCOMPLETE,
-    })
+    };
+    Ok((code, report))
 }
 
 fn scan_image(a: ImageArgs, global: &Global) -> anyhow::Result<u8> {

@@ -563,7 +563,7 @@ fn scan_incremental_skips_unchanged_but_never_a_file_rewritten_in_place() {
     let rules = d.path().join("r.yar");
     std::fs::write(
         &rules,
-        format!("rule e {{ strings: $a = \"EICAR-STANDARD\" condition: $a }}"),
+        "rule e { strings: $a = \"EICAR-STANDARD\" condition: $a }",
     )
     .expect("rules");
     let r4 = scan(&img, &["--state", s(&state), "--rules", s(&rules)]).code(1);
@@ -688,4 +688,86 @@ fn scan_hostile_ext4_metadata_fails_files_or_volume_never_crashes_or_hangs() {
         );
         let _ = r.json();
     }
+}
+
+#[test]
+fn scan_stored_version_reads_the_chunk_store() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    let want = planted_tree(&src);
+    let img = mkext4(d.path(), &src, "gold.img", 40, &[]);
+    let data = d.path().join("server");
+    let mut c = tandem();
+    c.args([
+        "image",
+        "publish",
+        "--data",
+        s(&data),
+        "gold",
+        s(&img),
+        "--json",
+    ]);
+    run(&mut c).ok();
+    let r = run(tandem().args(["scan", "version", "gold@1", "--data", s(&data), "--json"])).code(1);
+    assert_eq!(infected(&r), want);
+    assert_eq!(r.json()["target"], "gold@1");
+    // NAME alone means the newest version; an unknown one is a clear error.
+    run(tandem().args(["scan", "version", "gold", "--data", s(&data), "--json"])).code(1);
+    let r = run(tandem().args(["scan", "version", "gold@9", "--data", s(&data)])).code(3);
+    assert!(r.stderr.contains("gold@9"), "{}", r.stderr);
+}
+
+#[test]
+fn scan_vm_refuses_a_running_vm_and_scans_its_disks_when_stopped() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    write(&src, "/home/user/payload.txt", EICAR.as_bytes());
+    let data_disk = mkext4(d.path(), &src, "data.img", 8, &[]);
+    let guest = super::util::guest();
+    let vm = super::util::NamedVm::new("e2e-scan");
+    let disk_arg = format!("{},ro", s(&data_disk));
+    let g = s(&guest).to_string();
+    run(&mut vm.cmd(
+        "start",
+        &[
+            "--image",
+            "gold-v1",
+            "--guest-dir",
+            &g,
+            "--disk",
+            &disk_arg,
+            "--json",
+        ],
+    ))
+    .ok();
+    let scan_vm = || {
+        run(tandem()
+            .args(["scan", "vm", &vm.name, "--json", "--state-dir"])
+            .arg(vm.state.path()))
+    };
+    let r = scan_vm().code(3);
+    assert!(r.stderr.contains("is running"), "{}", r.stderr);
+    // Let the guest finish booting so it powers off at once when asked.
+    run(&mut vm.cmd(
+        "console",
+        &["--wait-for", "tandem-boot: ready", "--timeout", "120"],
+    ))
+    .ok();
+    run(&mut vm.cmd("stop", &["--timeout", "60", "--json"])).ok();
+    let r = scan_vm().code(1);
+    let j = r.json();
+    assert_eq!(
+        j["disks"].as_array().map(|a| a.len()),
+        Some(2),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(j["disks"][0]["report"]["outcome"], "clean", "{}", r.stdout);
+    let infected: Vec<&str> = j["disks"][1]["report"]["volumes"][0]["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(infected, vec!["/home/user/payload.txt"]);
 }
