@@ -3,8 +3,9 @@
 
 Inputs (built once, cached in /var/cache/tandem/bench/images):
   v1.ext4          mkfs.ext4 -d of a copy of /usr/share (~670 MB of real files), 1 GiB
-  v2-inplace.ext4  v1 edited in place with debugfs: ~1% of files patched, grown, deleted
-                   or added (rm + write, so changed files also move, as on a real disk)
+  v2-inplace.ext4  v1 edited in place with debugfs: ~1% of files patched (64 random bytes),
+                   grown (by a piece of another file), deleted, or added (another file's
+                   content, lightly edited); rm + write, so changed files also move
   v2-rebuilt.ext4  mkfs.ext4 -d of the edited tree
 
 1. Update transfer v1 -> v2 (both cases), bytes on the wire and wall time:
@@ -59,10 +60,11 @@ def build_inputs():
         return v1, ip, rb
     print("building inputs (once) in", CACHE, flush=True)
     t1, t2 = os.path.join(CACHE, "tree1"), os.path.join(CACHE, "tree2")
-    for t in (t1, t2):
-        shutil.rmtree(t, ignore_errors=True)
-    sh("cp", "-a", "/usr/share", t1)
-    sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-d", t1, v1, "1024M")
+    if not (os.path.exists(v1) and os.path.isdir(t1)):
+        shutil.rmtree(t1, ignore_errors=True)
+        sh("cp", "-a", "/usr/share", t1)
+        sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-d", t1, v1, "1024M")
+    shutil.rmtree(t2, ignore_errors=True)
     files = sorted(os.path.relpath(os.path.join(d, f), t1)
                    for d, _, fs in os.walk(t1) for f in fs
                    if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
@@ -82,12 +84,14 @@ def build_inputs():
         if kind == 0 and data:  # patched in the middle
             at = len(data) // 2
             data[at:at + 64] = rng.randbytes(min(64, len(data) - at))
-        elif kind == 1:  # grown
-            data += rng.randbytes(rng.randint(4096, 65536))
-        else:  # kind 3: a new file beside it
+        elif kind == 1:  # grown by real content (a piece of another file), as updates do
+            donor = open(os.path.join(t1, rng.choice(files)), "rb").read()
+            data += donor[:rng.randint(4096, 65536)]
+        else:  # kind 3: a new file beside it: another file's content, lightly edited
             rel = rel + ".new"
             p = os.path.join(t2, rel)
-            data = rng.randbytes(rng.randint(1000, 100000))
+            data = bytearray(open(os.path.join(t1, rng.choice(files)), "rb").read()[:100000])
+            data[len(data) // 3:len(data) // 3 + 16] = rng.randbytes(16)
         tmp = p + ".tmp-bench"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -360,7 +364,6 @@ def read_path(v1, work):
             time.sleep(0.05)
         nbd_args = ["-f", "raw", f"nbd+unix:///?socket={sock}"]
         raw_args = ["-f", "raw", "-t", "writeback", v1]
-        sh("qemu-img", "convert", "-O", "raw", *nbd_args[:2], nbd_args[2], "/dev/null", check=False)  # warm
         sh("cat", v1, stdout=subprocess.DEVNULL)
         for pattern in ("sequential", "random"):
             for _ in range(1):

@@ -716,3 +716,183 @@ pub async fn serve_with_fixed_caller(
 ) -> std::io::Result<()> {
     axum::serve(listener, with_fixed_caller(routes(service), caller)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_sync::{Client, NoAuth, SyncError};
+
+    /// Lets devices read only `gold` v1.
+    struct OnlyV1;
+    impl ImageAccess for OnlyV1 {
+        fn may_read(&self, caller: &Caller, image: &str, version: u64) -> bool {
+            *caller == Caller::Admin || (image == "gold" && version == 1)
+        }
+    }
+
+    async fn start(svc: Arc<ImageService>, caller: Option<Caller>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let app = match caller {
+            Some(c) => with_fixed_caller(routes(svc), c),
+            None => routes(svc),
+        };
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    fn status(e: SyncError) -> u16 {
+        match e {
+            SyncError::Status { status, .. } => status,
+            other => panic!("expected an HTTP status, got {other}"),
+        }
+    }
+
+    fn chunk(i: u8) -> (ChunkId, Vec<u8>) {
+        let d = vec![i; 4096];
+        (ChunkId::of(&d), d)
+    }
+
+    fn manifest(version: u64, ids: &[ChunkId]) -> Manifest {
+        Manifest {
+            format: 1,
+            name: "gold".into(),
+            version,
+            size: ids.len() as u64 * 4096,
+            chunk_size: 4096,
+            chunks: ids.iter().map(|i| Some(*i)).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn uploads_are_verified_and_manifests_committed_by_admins_only() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let svc = ImageService::open(d.path(), Arc::new(OnlyV1)).expect("open");
+        let admin = Client::new(
+            &start(svc.clone(), Some(Caller::Admin)).await,
+            Arc::new(NoAuth),
+        );
+        let device = Client::new(
+            &start(svc.clone(), Some(Caller::Device("d1".into()))).await,
+            Arc::new(NoAuth),
+        );
+        let (a, da) = chunk(1);
+        let (b, db) = chunk(2);
+        // Content that does not match its id is refused.
+        assert_eq!(
+            status(
+                device
+                    .upload_chunk(a, db.clone())
+                    .await
+                    .expect_err("refused")
+            ),
+            422
+        );
+        assert_eq!(
+            device.missing_chunks(&[a, b]).await.expect("missing"),
+            vec![a, b]
+        );
+        device.upload_chunk(a, da).await.expect("upload");
+        assert_eq!(
+            device.missing_chunks(&[a, b]).await.expect("missing"),
+            vec![b]
+        );
+
+        // Only admins commit manifests, and only when every chunk is stored.
+        let m = manifest(1, &[a, b]);
+        let put = |c: &Client, m: &Manifest| {
+            let (c, m) = (c.clone(), m.clone());
+            async move {
+                match c.commit_manifest(&m).await {
+                    Ok(_) => 200,
+                    Err(e) => status(e),
+                }
+            }
+        };
+        assert_eq!(put(&device, &m).await, 403);
+        assert_eq!(put(&admin, &m).await, 422, "chunk b is not uploaded yet");
+        admin.upload_chunk(b, db).await.expect("upload");
+        assert_eq!(put(&admin, &m).await, 200);
+        assert_eq!(put(&admin, &m).await, 409, "versions are immutable");
+        let signed = device.manifest("gold", 1).await.expect("manifest");
+        let back = Manifest::verify(&signed, &svc.trusted).expect("signed by the image key");
+        assert_eq!(back, m);
+    }
+
+    #[tokio::test]
+    async fn devices_read_only_assigned_versions_and_their_chunks() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let svc = ImageService::open(d.path(), Arc::new(OnlyV1)).expect("open");
+        let (a, da) = chunk(1);
+        let (b, db) = chunk(2);
+        svc.store
+            .put_many(vec![
+                (a, tandem_store::Payload::Raw(da)),
+                (b, tandem_store::Payload::Raw(db)),
+            ])
+            .expect("put");
+        for (v, ids) in [(1, vec![a]), (2, vec![a, b])] {
+            let m = manifest(v, &ids);
+            svc.catalog.save(&m, &m.sign(&svc.key)).expect("save");
+        }
+        let device = Client::new(
+            &start(svc.clone(), Some(Caller::Device("d1".into()))).await,
+            Arc::new(NoAuth),
+        );
+        assert_eq!(device.versions("gold").await.expect("versions"), vec![1]);
+        device.manifest("gold", 1).await.expect("assigned");
+        assert_eq!(
+            status(device.manifest("gold", 2).await.expect_err("not assigned")),
+            403
+        );
+        assert_eq!(
+            status(
+                device
+                    .delta_size("gold", 1, 2)
+                    .await
+                    .expect_err("not assigned")
+            ),
+            403
+        );
+        let req = |v: u64, ids: Vec<ChunkId>| ChunkRequest {
+            image: "gold".into(),
+            version: v,
+            chunks: ids,
+        };
+        let mut got = Vec::new();
+        device
+            .fetch_chunks(
+                &req(1, vec![a]),
+                4096,
+                &mut |c| {
+                    got.push(c.id);
+                    Ok(())
+                },
+                &tandem_sync::NoProgress,
+            )
+            .await
+            .expect("fetch");
+        assert_eq!(got, vec![a]);
+        // b exists, but not in v1: asking for it through v1 is refused; v2 is not assigned.
+        let mut sink = |_c: tandem_sync::client::FetchedChunk| Ok(());
+        let e = device
+            .fetch_chunks(&req(1, vec![b]), 4096, &mut sink, &tandem_sync::NoProgress)
+            .await
+            .expect_err("b is not in v1");
+        assert_eq!(status(e), 403);
+        let e = device
+            .fetch_chunks(&req(2, vec![b]), 4096, &mut sink, &tandem_sync::NoProgress)
+            .await
+            .expect_err("v2 not assigned");
+        assert_eq!(status(e), 403);
+
+        // Without the authentication middleware every request is refused.
+        let anon = Client::new(&start(svc, None).await, Arc::new(NoAuth));
+        assert_eq!(
+            status(anon.images().await.expect_err("unauthenticated")),
+            401
+        );
+    }
+}

@@ -122,7 +122,11 @@ struct Hashed {
 }
 
 /// Runs `f(i)` for every `i < n` on up to `threads` threads, results in order.
-fn par_map<T: Send>(n: usize, threads: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<T> {
+pub(crate) fn par_map<T: Send>(
+    n: usize,
+    threads: usize,
+    f: &(dyn Fn(usize) -> T + Sync),
+) -> Vec<T> {
     let threads = threads.clamp(1, n.max(1));
     if threads == 1 {
         return (0..n).map(f).collect();
@@ -173,6 +177,8 @@ pub fn ingest(
         ..IngestResult::default()
     };
     let mut seen: HashSet<ChunkId> = HashSet::new();
+    let mut uncommitted = Vec::new();
+    let mut committed_upto = 0u64;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<Vec<u8>>), StoreError>>(2);
     std::thread::scope(|s| -> Result<(), StoreError> {
         s.spawn(move || {
@@ -251,8 +257,17 @@ pub fn ingest(
             });
             let prepared: Vec<_> = prepared.into_iter().collect::<Result<_, _>>()?;
             result.new_chunks += prepared.len() as u64;
+            let (written, entries) = store.append_prepared(&prepared)?;
+            result.new_stored_bytes += written;
+            uncommitted.extend(entries);
+            // One durable index commit per ~64 MiB of image, not per batch: fsyncs are
+            // what limits ingest on ordinary disks.
+            if (first + n as u64) * cs >= committed_upto + (64 << 20) {
+                store.commit_entries(&uncommitted, false)?;
+                uncommitted.clear();
+                committed_upto = (first + n as u64) * cs;
+            }
             result.new_raw_bytes += todo.iter().map(|(i, _)| bufs[*i].len() as u64).sum::<u64>();
-            result.new_stored_bytes += store.write_prepared(prepared, false)?;
             for h in hashed {
                 result.chunks.push(h.id);
                 result.block_hashes.extend(h.blocks);
@@ -261,6 +276,7 @@ pub fn ingest(
         }
         Ok(())
     })?;
+    store.commit_entries(&uncommitted, false)?;
     if result.chunks.len() as u64 != total_chunks {
         return Err(StoreError::Read {
             offset: result.chunks.len() as u64 * cs,

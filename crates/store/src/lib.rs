@@ -558,13 +558,23 @@ impl Store {
         let ids: Vec<ChunkId> = items.iter().map(|(id, _)| *id).collect();
         let present = self.contains_many(&ids)?;
         let mut seen = HashSet::new();
-        let mut prepared = Vec::new();
-        for ((id, payload), have) in items.into_iter().zip(present) {
-            if have || !seen.insert(id) {
-                continue;
-            }
-            prepared.push(self.prepare(id, payload, true)?);
-        }
+        let todo: Vec<std::sync::Mutex<Option<(ChunkId, Payload)>>> = items
+            .into_iter()
+            .zip(present)
+            .filter(|((id, _), have)| !*have && seen.insert(*id))
+            .map(|(item, _)| std::sync::Mutex::new(Some(item)))
+            .collect();
+        // Hashing and compressing dominate: spread them over the cores.
+        let threads = if todo.len() > 4 { 2 } else { 1 };
+        let prepared = ingest::par_map(todo.len(), threads, &|i| {
+            let (id, payload) = todo[i]
+                .lock()
+                .expect("item mutex poisoned")
+                .take()
+                .expect("each item is taken once");
+            self.prepare(id, payload, true)
+        });
+        let prepared: Vec<_> = prepared.into_iter().collect::<Result<_, _>>()?;
         self.write_prepared(prepared, false)
     }
 
@@ -575,52 +585,71 @@ impl Store {
         prepared: Vec<(RecordHeader, Vec<u8>)>,
         overwrite: bool,
     ) -> Result<u64, StoreError> {
-        if prepared.is_empty() {
-            return Ok(0);
-        }
+        let (written, entries) = self.append_prepared(&prepared)?;
+        self.commit_entries(&entries, overwrite)?;
+        Ok(written)
+    }
+
+    /// Appends records to this process's pack without syncing; the entries become
+    /// visible only through [`Store::commit_entries`].
+    pub(crate) fn append_prepared(
+        &self,
+        prepared: &[(RecordHeader, Vec<u8>)],
+    ) -> Result<(u64, Vec<(ChunkId, Location)>), StoreError> {
         let added = now();
         let mut written = 0u64;
         let mut entries = Vec::with_capacity(prepared.len());
-        {
-            let mut w = self.writer.lock().expect("writer mutex poisoned");
-            for (header, bytes) in &prepared {
-                if w.as_ref().is_none_or(|w| w.len >= pack::PACK_TARGET_SIZE) {
-                    if let Some(old) = w.as_ref() {
-                        old.sync().map_err(|e| StoreError::io(&self.packs_dir, e))?;
-                    }
-                    *w = Some(
-                        PackWriter::create(&self.packs_dir)
-                            .map_err(|e| StoreError::io(&self.packs_dir, e))?,
-                    );
+        let mut w = self.writer.lock().expect("writer mutex poisoned");
+        for (header, bytes) in prepared {
+            if w.as_ref().is_none_or(|w| w.len >= pack::PACK_TARGET_SIZE) {
+                if let Some(old) = w.as_ref() {
+                    old.sync().map_err(|e| StoreError::io(&self.packs_dir, e))?;
                 }
-                let pw = w.as_mut().expect("writer just created");
-                let path = pack::pack_path(&self.packs_dir, pw.id);
-                let offset = pw
-                    .append(header, bytes)
-                    .map_err(|e| StoreError::io(&path, e))?;
-                written += bytes.len() as u64;
-                entries.push((
-                    header.id,
-                    Location {
-                        pack: pw.id,
-                        offset,
-                        stored_len: header.stored_len,
-                        raw_len: header.raw_len,
-                        flags: header.flags,
-                        added,
-                    },
-                ));
+                *w = Some(
+                    PackWriter::create(&self.packs_dir)
+                        .map_err(|e| StoreError::io(&self.packs_dir, e))?,
+                );
             }
-            if let Some(pw) = w.as_ref() {
-                pw.sync()
-                    .map_err(|e| StoreError::io(&pack::pack_path(&self.packs_dir, pw.id), e))?;
-            }
+            let pw = w.as_mut().expect("writer just created");
+            let path = pack::pack_path(&self.packs_dir, pw.id);
+            let offset = pw
+                .append(header, bytes)
+                .map_err(|e| StoreError::io(&path, e))?;
+            written += bytes.len() as u64;
+            entries.push((
+                header.id,
+                Location {
+                    pack: pw.id,
+                    offset,
+                    stored_len: header.stored_len,
+                    raw_len: header.raw_len,
+                    flags: header.flags,
+                    added,
+                },
+            ));
+        }
+        Ok((written, entries))
+    }
+
+    /// Makes the current pack durable, then commits `entries` to the index in one
+    /// transaction (the order that keeps every index entry pointing at durable bytes).
+    pub(crate) fn commit_entries(
+        &self,
+        entries: &[(ChunkId, Location)],
+        overwrite: bool,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        if let Some(pw) = self.writer.lock().expect("writer mutex poisoned").as_ref() {
+            pw.sync()
+                .map_err(|e| StoreError::io(&pack::pack_path(&self.packs_dir, pw.id), e))?;
         }
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| self.index_err(e))?;
             {
                 let mut t = tx.open_table(CHUNKS).map_err(|e| self.index_err(e))?;
-                for (id, loc) in &entries {
+                for (id, loc) in entries {
                     // Another process may have stored the same chunk meanwhile: keep theirs.
                     if overwrite
                         || t.get(id.as_bytes())
@@ -633,8 +662,7 @@ impl Store {
                 }
             }
             tx.commit().map_err(|e| self.index_err(e))
-        })?;
-        Ok(written)
+        })
     }
 
     fn pack_file(&self, pack: u64) -> std::io::Result<Arc<File>> {

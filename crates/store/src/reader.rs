@@ -120,6 +120,37 @@ impl ImageReader {
         }
     }
 
+    /// Fills `buf` from holes and already-decoded chunks only, without any I/O; `false`
+    /// (and `buf` partly written) when some chunk is not cached or the range is out of
+    /// bounds. Lets an async server answer hot reads without a blocking thread.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.manifest.size)
+        {
+            return false;
+        }
+        let cs = u64::from(self.manifest.chunk_size);
+        let cache = self.cache.lock().expect("cache mutex poisoned");
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / cs;
+            let within = (pos % cs) as usize;
+            let n = (cs as usize - within).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match self.manifest.chunks[index as usize] {
+                None => out.fill(0),
+                Some(_) => match cache.get(index) {
+                    Some(c) => out.copy_from_slice(&c[within..within + n]),
+                    None => return false,
+                },
+            }
+            done += n;
+        }
+        true
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`; past the end is `UnexpectedEof`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset.checked_add(buf.len() as u64);

@@ -338,6 +338,25 @@ impl Client {
         Ok(l.chunks)
     }
 
+    /// Asks the server (as an admin) to sign and commit `m`, whose chunks must all be
+    /// uploaded already. Returns the signed manifest.
+    pub async fn commit_manifest(
+        &self,
+        m: &tandem_proto::manifest::Manifest,
+    ) -> Result<Signed, SyncError> {
+        let body = serde_json::to_vec(m).expect("serializing plain data cannot fail");
+        let path = format!("/v1/images/{}/{}/manifest", m.name, m.version);
+        let resp = self
+            .send(reqwest::Method::PUT, &path, Some(body), &[])
+            .await?;
+        let url = resp.url().to_string();
+        let bytes = self.read_all(resp, 256 << 20).await?;
+        serde_json::from_slice(&bytes).map_err(|e| SyncError::Protocol {
+            url,
+            reason: format!("not a signed manifest: {e}"),
+        })
+    }
+
     /// Uploads one chunk's plaintext; the server refuses content that does not match `id`.
     pub async fn upload_chunk(&self, id: ChunkId, data: Vec<u8>) -> Result<(), SyncError> {
         let path = format!("/v1/chunks/{id}");

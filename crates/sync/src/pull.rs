@@ -25,7 +25,7 @@ use crate::{delta, Progress, SyncError};
 /// Chunks per fetch request.
 const FETCH_BATCH: usize = 512;
 /// Chunks per store write while applying a delta or fetching.
-const PUT_BATCH: usize = 128;
+const PUT_BATCH: usize = 32;
 
 /// The laptop side: a sealed store, its catalog and the pinned image keys.
 #[derive(Debug, Clone)]
@@ -348,7 +348,8 @@ async fn apply_delta(
     report.delta_bytes += got;
     report.bytes_received += got;
     let store = local.store.clone();
-    let old = ImageReader::open(store.clone(), base.clone())?;
+    // Copies jump around the old version; a larger cache keeps each old chunk decoded once.
+    let old = ImageReader::with_cache(store.clone(), base.clone(), 256 << 20)?;
     let new = manifest.clone();
     let part2 = part.clone();
     let stats = tokio::task::spawn_blocking(move || -> Result<delta::ApplyStats, SyncError> {
@@ -357,18 +358,33 @@ async fn apply_delta(
             source,
         })?;
         let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-        let mut batch = Vec::new();
-        let mut sink = |id: ChunkId, data: Vec<u8>| -> Result<(), SyncError> {
-            batch.push((id, Payload::Raw(data)));
-            if batch.len() >= PUT_BATCH {
-                store.put_many(std::mem::take(&mut batch))?;
-            }
-            Ok(())
-        };
-        let res = delta::apply(&mut r, &old, &new, &mut sink);
-        // Keep what was built even when the stream broke later on.
-        store.put_many(std::mem::take(&mut batch))?;
-        res
+        // Building chunks and storing them (compress, seal, write) run side by side.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(ChunkId, Payload)>>(2);
+        std::thread::scope(|scope| {
+            let storer = scope.spawn(|| -> Result<(), SyncError> {
+                for batch in rx {
+                    store.put_many(batch)?;
+                }
+                Ok(())
+            });
+            let mut batch = Vec::new();
+            let mut sink = |id: ChunkId, data: Vec<u8>| -> Result<(), SyncError> {
+                batch.push((id, Payload::Raw(data)));
+                if batch.len() >= PUT_BATCH {
+                    tx.send(std::mem::take(&mut batch))
+                        .map_err(|_| SyncError::Delta {
+                            reason: "chunk writer stopped".into(),
+                        })?;
+                }
+                Ok(())
+            };
+            let res = delta::apply(&mut r, &old, &new, &mut sink);
+            // Keep what was built even when the stream broke later on.
+            let _ = tx.send(batch);
+            drop(tx);
+            let stored = storer.join().expect("chunk writer panicked");
+            stored.and(res)
+        })
     })
     .await
     .expect("delta apply task panicked");
@@ -400,9 +416,9 @@ async fn fetch_missing(
         let mut stored = 0u64;
         let max = manifest.chunk_size;
         let store = local.store.clone();
-        let flush_every = ((1usize << 20) / max as usize).max(1);
+        let flush_every = ((8usize << 20) / max as usize).max(1);
         let got = {
-            // Chunks are stored as they arrive (about 1 MiB at a time), so an interrupted
+            // Chunks are stored as they arrive (about 8 MiB at a time), so an interrupted
             // pull keeps them and the next one does not fetch them again.
             let mut on_chunk = |c: FetchedChunk| -> Result<(), SyncError> {
                 if !wanted.contains(&c.id) {
