@@ -192,3 +192,154 @@ fn demo_runs_the_whole_story() {
         );
     }
 }
+
+/// Waits for `text` on a desktop's console in `agent`; returns the console log.
+fn console_wait(agent: &Path, vm: &str, text: &str) -> String {
+    run(t(agent)
+        .args([
+            "vm",
+            "console",
+            vm,
+            "--timeout",
+            "120",
+            "--wait-for",
+            text,
+            "--state-dir",
+        ])
+        .arg(agent.join("vms")))
+    .ok();
+    run(t(agent)
+        .args(["vm", "console", vm, "--log", "--state-dir"])
+        .arg(agent.join("vms")))
+    .ok()
+    .stdout
+}
+
+struct StopOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for agent in &self.0 {
+            let _ = t(agent)
+                .args(["vm", "stop", "corporate", "--timeout", "5", "--state-dir"])
+                .arg(agent.join("vms"))
+                .output();
+        }
+    }
+}
+
+#[test]
+fn corporate_desktop_key_gate_backup_and_reprovisioning() {
+    use super::fleet::{Backend, Fleet};
+    let f = Fleet::start(Backend::Sqlite).expect("a SQLite fleet always starts");
+    f.admin(&["user", "create", "carol"]).ok();
+    let (a, dev_a) = f.enroll("laptop-a", "carol");
+    let _stop = StopOnDrop(vec![a.clone(), f.agent_dir("laptop-b")]);
+    f.agent(&a, &["check-in"]).ok();
+    let base = guest().join("gold-v1.ext4");
+    let start = |dir: &Path| {
+        run(t(dir)
+            .args(["desktop", "start", "corporate", "--base-file"])
+            .arg(&base)
+            .arg("--dir")
+            .arg(dir))
+    };
+
+    // First start: a fresh encrypted user disk, its key escrowed on the server.
+    start(&a).ok();
+    console_wait(&a, "corporate", READY);
+    run(t(&a)
+        .args([
+            "vm",
+            "console",
+            "corporate",
+            "--send",
+            "echo carol-was-here > /home/user/notes.txt; sync; echo saved-notes",
+            "--state-dir",
+        ])
+        .arg(a.join("vms")))
+    .ok();
+    console_wait(&a, "corporate", "saved-notes");
+    let b1 = run(t(&a).args(["agent", "backup", "--json", "--dir"]).arg(&a))
+        .ok()
+        .json();
+    assert_eq!(b1["backup"]["seq"], 1);
+    assert!(b1["uploaded_chunks"].as_u64().unwrap_or(0) > 0);
+    // Nothing changed: the second backup uploads nothing.
+    let b2 = run(t(&a).args(["agent", "backup", "--json", "--dir"]).arg(&a))
+        .ok()
+        .json();
+    assert_eq!(b2["backup"]["seq"], 2);
+    run(t(&a)
+        .args(["desktop", "stop", "corporate", "--dir"])
+        .arg(&a))
+    .ok();
+    let b3 = run(t(&a).args(["agent", "backup", "--json", "--dir"]).arg(&a))
+        .ok()
+        .json();
+    assert_eq!(b3["backup"]["seq"], 3);
+    let listed = f.admin(&["backups", "list", &dev_a, "--json"]).ok().json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(3));
+
+    // A damaged wrapping key: the disk key cannot be unwrapped, nothing starts.
+    let wrap = a.join("keys").join("wrap.key");
+    let good = std::fs::read(&wrap).expect("wrap key exists");
+    std::fs::write(&wrap, [9u8; 32]).expect("damage key");
+    let ran = start(&a).code(3);
+    assert!(ran.stderr.contains("cannot be unwrapped"), "{}", ran.stderr);
+    std::fs::write(&wrap, good).expect("restore key");
+
+    // Trusted time is a month ahead of the clock (the clock was rolled back to stretch the
+    // lease): refused.
+    let clock = a.join("state").join("clock.json");
+    let saved_clock = std::fs::read(&clock).expect("clock state");
+    let future = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 30 * 86_400;
+    std::fs::write(
+        &clock,
+        format!("{{\"high_water\": {future}, \"format\": \"tandem-clock-v1\"}}"),
+    )
+    .expect("move trusted time");
+    let ran = start(&a).code(3);
+    assert!(
+        ran.stderr.contains("corporate VM refused: the clock"),
+        "{}",
+        ran.stderr
+    );
+    assert!(!process_running_with(&a.join("vms").display().to_string()));
+    std::fs::write(&clock, saved_clock).expect("restore clock");
+
+    // Re-provision onto laptop B: the old one is killed, B restores key and disk.
+    let (b, dev_b) = f.enroll("laptop-b", "carol");
+    f.agent(&b, &["check-in"]).ok();
+    f.admin(&[
+        "device",
+        "replace",
+        &dev_a,
+        &dev_b,
+        "--reason",
+        "lost on a train",
+    ])
+    .ok();
+    let ran = start(&b).ok();
+    assert!(
+        ran.stderr.contains("restored the user disk from backup 3"),
+        "{}",
+        ran.stderr
+    );
+    let log = console_wait(&b, "corporate", READY);
+    assert!(log.contains("tandem-user-file: carol-was-here"), "{log}");
+    run(t(&b)
+        .args(["desktop", "stop", "corporate", "--dir"])
+        .arg(&b))
+    .ok();
+
+    // Laptop A calls in and is erased; it can never start the corporate desktop again.
+    let _ = f.agent(&a, &["check-in"]);
+    assert!(!a.join("keys").join("wrap.key").exists());
+    assert!(!a.join("corporate").join("user.qcow2").exists());
+    start(&a).code(3);
+}

@@ -12,23 +12,23 @@ use tandem_proto::SigningKey;
 use super::util::{free_port, run, tandem, wait_for_text, Ran, Reaped};
 
 /// A running server with its admin token.
-struct Fleet {
-    tmp: tempfile::TempDir,
+pub struct Fleet {
+    pub tmp: tempfile::TempDir,
     server: Option<Reaped>,
     port: u16,
-    url: String,
-    token: String,
+    pub url: String,
+    pub token: String,
     database: Option<String>,
 }
 
-enum Backend {
+pub enum Backend {
     Sqlite,
     Postgres,
 }
 
 impl Fleet {
     /// Starts a server; `None` when PostgreSQL is asked for but not configured.
-    fn start(backend: Backend) -> Option<Fleet> {
+    pub fn start(backend: Backend) -> Option<Fleet> {
         let database = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {
@@ -90,21 +90,21 @@ impl Fleet {
         out
     }
 
-    fn admin(&self, args: &[&str]) -> Ran {
+    pub fn admin(&self, args: &[&str]) -> Ran {
         run(tandem()
             .args(["admin", "--server", &self.url, "--token", &self.token])
             .args(args))
     }
 
-    fn agent_dir(&self, name: &str) -> PathBuf {
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
 
-    fn agent(&self, dir: &Path, args: &[&str]) -> Ran {
+    pub fn agent(&self, dir: &Path, args: &[&str]) -> Ran {
         run(tandem().args(["agent", "--dir"]).arg(dir).args(args))
     }
 
-    fn new_token(&self, user: &str, ttl: &str) -> String {
+    pub fn new_token(&self, user: &str, ttl: &str) -> String {
         self.admin(&["token", "create", "--user", user, "--ttl", ttl, "--json"])
             .ok()
             .json()["token"]
@@ -114,7 +114,7 @@ impl Fleet {
     }
 
     /// Enrolls a new device for `user`; returns its directory and id.
-    fn enroll(&self, name: &str, user: &str) -> (PathBuf, String) {
+    pub fn enroll(&self, name: &str, user: &str) -> (PathBuf, String) {
         let dir = self.agent_dir(name);
         let token = self.new_token(user, "1h");
         let info = self
