@@ -191,6 +191,25 @@ impl Catalog {
         Ok(v)
     }
 
+    /// Versions of one image that were deleted (their numbers are never reused).
+    pub fn deleted_versions(&self, name: &str) -> Result<Vec<u64>, SyncError> {
+        let dir = self.dir(name)?;
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        Ok(rd
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".deleted"))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .collect())
+    }
+
     /// The signed envelope of a version, as stored.
     pub fn load_signed(&self, name: &str, version: u64) -> Result<Signed, SyncError> {
         let p = self.manifest_path(name, version)?;
@@ -245,6 +264,9 @@ impl Catalog {
             }
             Err(e) => return Err(io_err(&p)(e)),
         }
+        // A tombstone: version numbers are never reused, so a cached "chunks of v3" or a
+        // laptop's v3 can never be confused with a different, later v3.
+        let _ = std::fs::write(self.dir(name)?.join(format!("{version}.deleted")), b"");
         let _ = std::fs::remove_file(self.blocks_path(name, version)?);
         let deltas = self.dir(name)?.join("deltas");
         if let Ok(rd) = std::fs::read_dir(&deltas) {
@@ -351,6 +373,7 @@ mod tests {
         assert_eq!(c.live_chunks(&[key.public()]).expect("live").len(), 1);
         c.delete("gold", 3).expect("delete");
         assert!(c.list().expect("list").is_empty());
+        assert_eq!(c.deleted_versions("gold").expect("tombstones"), vec![3]);
         assert!(matches!(
             c.load_signed("gold", 3),
             Err(SyncError::NoSuchVersion { .. })

@@ -91,7 +91,7 @@ pub enum SyncError {
     },
     /// Publishing would overwrite a version.
     #[error(
-        "image {name} already has version {version}; versions are immutable, publish a new one"
+        "image {name} has (or had) version {version}; versions are immutable and never reused, publish without --version"
     )]
     VersionExists {
         /// Image.

@@ -225,7 +225,9 @@ pub fn publish(
     let src = DiskSource { disk, unused };
 
     let _lock = catalog.lock_image(name)?;
-    let existing = catalog.versions(name)?;
+    let mut existing = catalog.versions(name)?;
+    existing.extend(catalog.deleted_versions(name)?);
+    existing.sort_unstable();
     let version = match opts.version {
         Some(v) if existing.contains(&v) => {
             return Err(SyncError::VersionExists {
