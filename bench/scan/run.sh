@@ -121,6 +121,9 @@ for name, secs, found in rows:
     print(f"{name:45} {secs:8.2f} {mb/secs:8.1f} {secs/base:14.2f}x  {len(found & planted)}/{len(planted)}" + ("" if found == tandem else f"  (differs from tandem: +{sorted(found-tandem)[:3]} -{sorted(tandem-found)[:3]})"))
 missing = planted - tandem
 print("\nall tools found the same files" if tandem == y1 == y == clam else "\nWARNING: tools disagree (see above)")
+print("notes: everything is in the page cache (warmed first). tandem reads one image file and walks ext4 itself;"
+      " yara/clamscan open ~files one by one through the kernel's filesystem. clamscan also unpacks and"
+      " parses file formats, which is its job and why it is slow here; its default database is not loaded.")
 if missing: print(f"WARNING: tandem missed planted files: {sorted(missing)}")
 stamp = datetime.datetime.utcnow().strftime("%Y%m%d-%H%M")
 out = f"bench/results/scan-{stamp}-{host}.csv"

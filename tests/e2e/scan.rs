@@ -121,6 +121,26 @@ fn mkext4(dir: &Path, src: &Path, name: &str, mib: u64, extra: &[&str]) -> PathB
     img
 }
 
+/// Copies `src` into `disk` at byte offset `at` (like `dd conv=notrunc`).
+fn place(src: &Path, disk: &Path, at: u64) {
+    use std::os::unix::fs::FileExt as _;
+    let data = std::fs::read(src).expect("read fs image");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .expect("open disk");
+    f.write_all_at(&data, at).expect("write into disk");
+}
+
+/// A 48 MiB GPT disk with the 40 MiB filesystem `fs` in partition 1 (at 1 MiB).
+fn gpt_disk(dir: &Path, fs: &Path) -> PathBuf {
+    let disk = dir.join("gpt.img");
+    sized(&disk, 48 << 20);
+    sh("sgdisk", &["-n", "1:2048:+40M", s(&disk)]);
+    place(fs, &disk, 1 << 20);
+    disk
+}
+
 fn scan(img: &Path, extra: &[&str]) -> Ran {
     let mut c = tandem();
     c.args(["scan", "image", s(img), "--json"]).args(extra);
@@ -178,20 +198,7 @@ fn scan_ext4_whole_disk_gpt_and_qcow2_finds_every_planted_file() {
     assert_eq!(j["counts"]["not_scanned"], 0);
 
     // The same filesystem inside a GPT partition, then as a qcow2 with a backing file.
-    let disk = d.path().join("gpt.img");
-    sized(&disk, 48 << 20);
-    sh("sgdisk", &["-n", "1:2048:+40M", s(&disk)]);
-    sh(
-        "dd",
-        &[
-            &format!("if={}", s(&fs)),
-            &format!("of={}", s(&disk)),
-            "bs=1M",
-            "seek=1",
-            "conv=notrunc",
-            "status=none",
-        ],
-    );
+    let disk = gpt_disk(d.path(), &fs);
     let r = scan(&disk, &[]).code(1);
     assert_eq!(infected(&r), want);
     assert_eq!(r.json()["volumes"][0]["table"], "gpt");
@@ -348,19 +355,8 @@ fn scan_fat_and_ext4_partitions_of_one_mbr_disk() {
         .write_all(script.as_bytes())
         .expect("script");
     assert!(p.wait().expect("wait").success());
-    for (img, seek) in [(&fat, "2048"), (&ext, "18432")] {
-        sh(
-            "dd",
-            &[
-                &format!("if={}", s(img)),
-                &format!("of={}", s(&disk)),
-                "bs=512",
-                &format!("seek={seek}"),
-                "conv=notrunc",
-                "status=none",
-            ],
-        );
-    }
+    place(&fat, &disk, 2048 * 512);
+    place(&ext, &disk, 18432 * 512);
     let r = scan(&disk, &[]).code(1);
     let j = r.json();
     assert_eq!(j["volumes"][0]["fs"], "fat");
@@ -461,20 +457,7 @@ fn scan_truncated_and_garbage_images_fail_clearly_without_hanging() {
     let src = d.path().join("src");
     planted_tree(&src);
     let fs = mkext4(d.path(), &src, "fs.img", 40, &[]);
-    let disk = d.path().join("gpt.img");
-    sized(&disk, 48 << 20);
-    sh("sgdisk", &["-n", "1:2048:+40M", s(&disk)]);
-    sh(
-        "dd",
-        &[
-            &format!("if={}", s(&fs)),
-            &format!("of={}", s(&disk)),
-            "bs=1M",
-            "seek=1",
-            "conv=notrunc",
-            "status=none",
-        ],
-    );
+    let disk = gpt_disk(d.path(), &fs);
     // Truncated mid-filesystem: the partition runs past the end → not scanned, exit 2.
     let t = d.path().join("trunc.img");
     let b = std::fs::read(&disk).expect("read");
