@@ -754,3 +754,54 @@ fn scan_vm_refuses_a_running_vm_and_scans_its_disks_when_stopped() {
         .collect();
     assert_eq!(infected, vec!["/home/user/payload.txt"]);
 }
+
+#[test]
+fn scan_hostile_fat_and_ntfs_metadata_never_crash_or_hang() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let e = d.path().join("e.txt");
+    std::fs::write(&e, format!("x{EICAR}y")).expect("e");
+    let fat = d.path().join("fat.img");
+    sh("mkfs.vfat", &["-C", s(&fat), "4096"]);
+    sh("mmd", &["-i", s(&fat), "::/a", "::/a/b"]);
+    for i in 0..20 {
+        sh(
+            "mcopy",
+            &["-i", s(&fat), s(&e), &format!("::/a/b/f{i}.txt")],
+        );
+    }
+    let ntfs = d.path().join("ntfs.img");
+    sized(&ntfs, 8 << 20);
+    sh("mkntfs", &["-q", "-F", "-f", s(&ntfs)]);
+    for i in 0..10 {
+        sh(
+            "ntfscp",
+            &["-q", "-f", s(&ntfs), s(&e), &format!("f{i}.txt")],
+        );
+    }
+    let bad = d.path().join("bad.img");
+    for img in [&fat, &ntfs] {
+        let good = std::fs::read(img).expect("read");
+        let mut regions: Vec<usize> = (0..(64 << 10)).step_by(4 << 10).collect();
+        // NTFS keeps its MFT near the middle of a small volume: hit it too.
+        if let Some(at) = good.windows(4).position(|w| w == b"FILE") {
+            regions.extend((at..at + (32 << 10)).step_by(2 << 10));
+        }
+        for (i, at) in regions.into_iter().enumerate() {
+            let mut b = good.clone();
+            b[at..at + 512].copy_from_slice(&noise(512, i as u64 + 7000));
+            std::fs::write(&bad, &b).expect("write");
+            let r = scan(&bad, &["--volume-timeout", "5"]);
+            assert!(
+                matches!(r.code, 0..=2),
+                "{} mutated at {at}: exit {}\n{}",
+                img.display(),
+                r.code,
+                r.stderr
+            );
+            let _ = r.json();
+        }
+    }
+    // A zero time budget: the volume ends not scanned (timeout), never clean.
+    let r = scan(&fat, &["--volume-timeout", "0"]).code(2);
+    assert_eq!(r.json()["volumes"][0]["reason"], "timeout", "{}", r.stdout);
+}
