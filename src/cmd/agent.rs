@@ -106,6 +106,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             Identity::load(&dir)?;
             eprintln!("tandem: agent running on {}", args.dir.display());
             let hooks = crate::cmd::desktop::DesktopHooks::new(&args.dir);
+            crate::cmd::desktop::spawn_backup_scheduler(args.dir.clone());
             checkin::run(
                 &dir,
                 &hooks,

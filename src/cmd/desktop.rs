@@ -168,6 +168,12 @@ fn resolve_base(
     desktop: Desktop,
     base: &BaseArgs,
 ) -> anyhow::Result<(BaseDisk, Vec<Sidecar>)> {
+    if desktop == Desktop::Corporate && (base.base_file.is_some() || base.image.is_some()) {
+        // The corporate desktop's definition is IT's: it boots the assigned version only.
+        anyhow::bail!(
+            "the corporate desktop boots the gold version IT assigned; --image and --base-file are for the personal desktop"
+        );
+    }
     if let Some(path) = &base.base_file {
         let path = std::fs::canonicalize(path)
             .with_context(|| format!("base image {} cannot be read", path.display()))?;
@@ -542,4 +548,36 @@ impl tandem_agent::checkin::Hooks for DesktopHooks {
             }
         }
     }
+}
+
+/// Backs up the corporate user disk on the policy's interval while `tandem agent run`
+/// runs. Failures are logged and retried at the next interval; the previous backup stays
+/// the latest.
+pub fn spawn_backup_scheduler(dir: PathBuf) {
+    std::thread::spawn(move || {
+        let agent = tandem_agent::AgentDir::new(&dir);
+        let layout = Layout::new(&dir);
+        loop {
+            let mins = tandem_agent::checkin::current_target(&agent)
+                .ok()
+                .flatten()
+                .map(|t| t.policy.backup_interval_mins)
+                .unwrap_or(240)
+                .max(1);
+            std::thread::sleep(Duration::from_secs(u64::from(mins) * 60));
+            if !layout.corporate_user_disk().exists() {
+                continue;
+            }
+            match backup(&dir) {
+                Ok(r) => tracing::info!(
+                    seq = r.backup.seq,
+                    uploaded_bytes = r.uploaded_bytes,
+                    "scheduled backup committed"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "scheduled backup failed; retrying at the next interval")
+                }
+            }
+        }
+    });
 }

@@ -155,11 +155,7 @@ fn corporate_desktop_refuses_recovery_tools_and_starts_only_with_a_lease() {
         assert!(ran.stderr.contains("managed by IT"), "{}", ran.stderr);
     }
     // Never enrolled: no lease, so no corporate VM — and nothing was created.
-    let base = guest().join("gold-v1.ext4");
-    let ran = run(t(d.path())
-        .args(["desktop", "start", "corporate", "--base-file"])
-        .arg(base))
-    .code(3);
+    let ran = run(t(d.path()).args(["desktop", "start", "corporate"])).code(3);
     assert!(
         ran.stderr.contains("not enrolled") || ran.stderr.contains("lease"),
         "{}",
@@ -236,12 +232,32 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
     let (a, dev_a) = f.enroll("laptop-a", "carol");
     let _stop = StopOnDrop(vec![a.clone(), f.agent_dir("laptop-b")]);
     f.agent(&a, &["check-in"]).ok();
-    let base = guest().join("gold-v1.ext4");
+    // IT publishes the gold image into the running server's data dir and assigns it.
+    let gold = guest().join("gold-v1.ext4");
+    run(tandem()
+        .args(["image", "publish", "corp-gold"])
+        .arg(&gold)
+        .arg("--data")
+        .arg(f.tmp.path().join("srv")))
+    .ok();
+    f.admin(&["assign", "--user", "carol", "--corporate", "corp-gold:1"])
+        .ok();
+    f.agent(&a, &["check-in"]).ok();
+    // The corporate desktop boots only what IT assigned.
+    let ran = run(t(&a)
+        .args(["desktop", "start", "corporate", "--base-file"])
+        .arg(&gold)
+        .arg("--dir")
+        .arg(&a))
+    .code(3);
+    assert!(
+        ran.stderr.contains("boots the gold version IT assigned"),
+        "{}",
+        ran.stderr
+    );
     let start = |dir: &Path| {
         run(t(dir)
-            .args(["desktop", "start", "corporate", "--base-file"])
-            .arg(&base)
-            .arg("--dir")
+            .args(["desktop", "start", "corporate", "--dir"])
             .arg(dir))
     };
 

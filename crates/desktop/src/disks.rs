@@ -207,4 +207,45 @@ mod tests {
         snapshot_delete(&ov, "before-update").expect("delete");
         assert!(snapshots(&ov).expect("list").is_empty());
     }
+
+    #[test]
+    fn disk_full_while_creating_an_overlay_is_a_clear_error_and_keeps_the_old_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mnt = dir.path().join("small");
+        std::fs::create_dir(&mnt).expect("mkdir");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !mounted {
+            eprintln!("not run: mounting a 1 MiB tmpfs needs root (CI runs as root)");
+            return;
+        }
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(mnt.clone());
+        let ov = mnt.join("system.qcow2");
+        create_overlay("/nonexistent-base.raw", 64 << 20, &ov).expect("first overlay fits");
+        let before = std::fs::read(&ov).expect("read overlay");
+        // Fill the filesystem.
+        let mut filler = std::fs::File::create(mnt.join("filler")).expect("filler");
+        let block = vec![1u8; 4096];
+        while std::io::Write::write_all(&mut filler, &block).is_ok() {}
+        drop(filler);
+        let err = create_overlay("/nonexistent-base.raw", 64 << 20, &ov).expect_err("no space");
+        assert!(matches!(err, DesktopError::DiskFull { .. }), "{err}");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(
+            std::fs::read(&ov).expect("old overlay"),
+            before,
+            "the old overlay must survive"
+        );
+        assert!(!mnt.join("system.qcow2.tmp").exists());
+    }
 }

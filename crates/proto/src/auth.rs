@@ -102,10 +102,16 @@ mod tests {
         let s = RequestSignature::sign(&key, "dev1", "post", "/v1/checkin", 100, b"{}");
         s.verify(&key.public(), "POST", "/v1/checkin", b"{}")
             .expect("verifies");
-        assert!(s.verify(&key.public(), "POST", "/v1/checkin", b"{1}").is_err());
-        assert!(s.verify(&key.public(), "GET", "/v1/checkin", b"{}").is_err());
+        assert!(s
+            .verify(&key.public(), "POST", "/v1/checkin", b"{1}")
+            .is_err());
+        assert!(s
+            .verify(&key.public(), "GET", "/v1/checkin", b"{}")
+            .is_err());
         assert!(s.verify(&key.public(), "POST", "/v1/other", b"{}").is_err());
         let other = crate::SigningKey::generate();
-        assert!(s.verify(&other.public(), "POST", "/v1/checkin", b"{}").is_err());
+        assert!(s
+            .verify(&other.public(), "POST", "/v1/checkin", b"{}")
+            .is_err());
     }
 }
