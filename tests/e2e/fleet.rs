@@ -29,6 +29,11 @@ pub enum Backend {
 impl Fleet {
     /// Starts a server; `None` when PostgreSQL is asked for but not configured.
     pub fn start(backend: Backend) -> Option<Fleet> {
+        Fleet::start_with(backend, |_| {})
+    }
+
+    /// Starts a server after `prepare` ran on its (empty) data directory.
+    pub fn start_with(backend: Backend, prepare: impl FnOnce(&Path)) -> Option<Fleet> {
         let database = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {
@@ -44,6 +49,7 @@ impl Fleet {
             }
         };
         let tmp = tempfile::tempdir().expect("tempdir");
+        prepare(&tmp.path().join("srv"));
         let port = free_port();
         let mut f = Fleet {
             tmp,
@@ -135,6 +141,23 @@ impl Fleet {
             .json();
         (dir, info["device"].as_str().expect("device id").to_string())
     }
+}
+
+/// Publishes a small made-up disk as `name` version `version` into a server data dir.
+fn publish(data: &Path, name: &str, version: u64) {
+    std::fs::create_dir_all(data).expect("data dir");
+    let disk = data.with_file_name(format!("{name}-{version}.raw"));
+    let bytes: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(version as u32) >> 13) as u8)
+        .collect();
+    std::fs::write(&disk, bytes).expect("write disk");
+    run(tandem()
+        .args(["image", "publish", name])
+        .arg(&disk)
+        .arg("--data")
+        .arg(data)
+        .args(["--version", &version.to_string(), "--json"]))
+    .ok();
 }
 
 fn now() -> u64 {
@@ -283,6 +306,13 @@ fn story(f: &mut Fleet) {
     );
     assert_eq!(c["target"]["assignments"]["corporate"]["version"], 7);
     assert_eq!(c["target"]["policy"]["controls"]["usb"], true);
+    let pulled: Vec<&str> = c["pulls"]
+        .as_array()
+        .expect("pulls")
+        .iter()
+        .map(|p| p["outcome"].as_str().expect("outcome"))
+        .collect();
+    assert_eq!(pulled, ["pulled", "pulled"], "{c}");
     let not_after = c["lease"]["not_after"].as_u64().expect("lease");
 
     let s = f.agent(&dir, &["status", "--json"]).ok().json();
@@ -463,6 +493,16 @@ fn attacks(f: &mut Fleet) {
     // Unknown user, unknown policy, bad names: clear 4xx through the CLI.
     let r = f.admin(&["token", "create", "--user", "nobody"]).code(3);
     assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    let r = f
+        .admin(&[
+            "assign",
+            "--user",
+            "bob",
+            "--corporate",
+            "never-published:1",
+        ])
+        .code(3);
+    assert!(r.stderr.contains("not published"), "{}", r.stderr);
     let r = f.admin(&["user", "create", "x y"]).code(3);
     assert!(r.stderr.contains("bad_request"), "{}", r.stderr);
 
@@ -673,15 +713,20 @@ fn attacks(f: &mut Fleet) {
     assert!(r["lease"]["not_after"].as_u64().is_some());
 }
 
+fn story_images(data: &Path) {
+    publish(data, "corp-gold", 7);
+    publish(data, "debian", 2);
+}
+
 #[test]
 fn fleet_story_sqlite() {
-    let mut f = Fleet::start(Backend::Sqlite).expect("sqlite always runs");
+    let mut f = Fleet::start_with(Backend::Sqlite, story_images).expect("sqlite always runs");
     story(&mut f);
 }
 
 #[test]
 fn fleet_story_postgres() {
-    if let Some(mut f) = Fleet::start(Backend::Postgres) {
+    if let Some(mut f) = Fleet::start_with(Backend::Postgres, story_images) {
         story(&mut f);
     }
 }

@@ -208,8 +208,18 @@ pub async fn assign(
         .user(&req.user)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("user {} not found", req.user)))?;
+    // Only published versions can be assigned: a typo must not leave a device waiting
+    // for an image that never comes.
+    let catalog = tandem_sync::Catalog::new(&st.data_dir.join("images"));
     for r in [&req.corporate, &req.personal].into_iter().flatten() {
-        check_name("image", &r.image)?;
+        let versions = catalog
+            .versions(&r.image)
+            .map_err(|e| ApiError::BadRequest(format!("image {}: {e}", r.image)))?;
+        if !versions.contains(&r.version) {
+            return Err(ApiError::NotFound(format!(
+                "image {r} is not published (published versions: {versions:?}); publish it with `tandem image publish`"
+            )));
+        }
     }
     if let Some(p) = &req.policy {
         if st.db.policy(p).await?.is_none() {
