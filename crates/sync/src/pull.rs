@@ -25,7 +25,7 @@ use crate::{delta, Progress, SyncError};
 /// Chunks per fetch request.
 const FETCH_BATCH: usize = 512;
 /// Chunks per store write while applying a delta or fetching.
-const PUT_BATCH: usize = 32;
+const PUT_BATCH: usize = 256;
 
 /// The laptop side: a sealed store, its catalog and the pinned image keys.
 #[derive(Debug, Clone)]
