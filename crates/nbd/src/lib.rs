@@ -243,118 +243,122 @@ async fn handshake(
     }
 }
 
-/// One reply for the writer task: error code, handle, and data for a successful read.
-type Reply = (u32, u64, Option<Vec<u8>>);
-
-/// Most reads in flight per connection (each holds one buffer of at most 32 MiB).
-const MAX_IN_FLIGHT: usize = 32;
-
 async fn handle(stream: UnixStream, reader: Arc<ImageReader>, name: &str) -> std::io::Result<()> {
     let (rd, wr) = stream.into_split();
     let mut r = BufReader::with_capacity(64 << 10, rd);
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    let mut w = BufWriter::with_capacity(4 << 10, wr);
     if handshake(&mut r, &mut w, &reader, name).await?.is_none() {
         return Ok(());
     }
-    // Requests are read in order, served concurrently, and answered as they complete
-    // (NBD matches replies by handle), so a client's queue depth is used.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
-    let writer = tokio::spawn(async move {
-        while let Some((error, handle, data)) = rx.recv().await {
-            w.write_u32(SIMPLE_REPLY_MAGIC).await?;
-            w.write_u32(error).await?;
-            w.write_u64(handle).await?;
-            if let Some(d) = data {
-                w.write_all(&d).await?;
-            }
-            if rx.is_empty() {
-                w.flush().await?;
-            }
-        }
-        w.flush().await
+    w.flush().await?;
+    // Requests the client sent right behind its last option are already buffered.
+    let pending = r.buffer().to_vec();
+    // Transmission runs on a plain thread with blocking I/O: one request at a time, read,
+    // serve, reply, flushing only when no further request is already buffered. Measured,
+    // this is far cheaper per 4 KiB request than hopping between async tasks.
+    let stream = r
+        .into_inner()
+        .reunite(w.into_inner())
+        .map_err(std::io::Error::other)?
+        .into_std()?;
+    stream.set_nonblocking(false)?;
+    let guard = CloseOnDrop(stream.try_clone()?);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(transmission(stream, pending, &reader));
     });
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let res = serve_requests(&mut r, &reader, &tx, &slots).await;
-    drop(tx);
-    let wres = writer.await.map_err(std::io::Error::other)?;
-    res.and(wres)
-}
-
-async fn send(tx: &tokio::sync::mpsc::Sender<Reply>, reply: Reply) -> std::io::Result<()> {
-    tx.send(reply)
+    let res = done_rx
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reply writer ended"))
+        .unwrap_or_else(|_| Err(std::io::Error::other("nbd connection thread ended")));
+    drop(guard);
+    res
 }
 
-async fn serve_requests(
-    r: &mut Rd,
-    reader: &Arc<ImageReader>,
-    tx: &tokio::sync::mpsc::Sender<Reply>,
-    slots: &Arc<tokio::sync::Semaphore>,
+/// Shuts a connection down when the task serving it is dropped (server shutdown), which
+/// ends its thread's blocking read.
+struct CloseOnDrop(std::os::unix::net::UnixStream);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn write_reply(w: &mut impl std::io::Write, error: u32, handle: u64) -> std::io::Result<()> {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&error.to_be_bytes());
+    h[8..].copy_from_slice(&handle.to_be_bytes());
+    w.write_all(&h)
+}
+
+fn transmission(
+    stream: std::os::unix::net::UnixStream,
+    pending: Vec<u8>,
+    reader: &ImageReader,
 ) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let input = std::io::Read::chain(std::io::Cursor::new(pending), stream.try_clone()?);
+    let mut r = std::io::BufReader::with_capacity(64 << 10, input);
+    let mut w = std::io::BufWriter::with_capacity(256 << 10, stream);
     let size = reader.size();
+    let mut buf = Vec::new();
     loop {
-        let magic = match r.read_u32().await {
-            Ok(m) => m,
+        let mut h = [0u8; 28];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
-        };
-        if magic != REQUEST_MAGIC {
-            return Err(proto_err(format!("bad request magic {magic:#x}")));
         }
-        let _flags = r.read_u16().await?;
-        let cmd = r.read_u16().await?;
-        let handle = r.read_u64().await?;
-        let offset = r.read_u64().await?;
-        let len = r.read_u32().await?;
+        let be32 = |a: usize| u32::from_be_bytes(h[a..a + 4].try_into().expect("4 bytes"));
+        let be64 = |a: usize| u64::from_be_bytes(h[a..a + 8].try_into().expect("8 bytes"));
+        if be32(0) != REQUEST_MAGIC {
+            return Err(proto_err(format!("bad request magic {:#x}", be32(0))));
+        }
+        let cmd = u16::from_be_bytes([h[6], h[7]]);
+        let (handle, offset, len) = (be64(8), be64(16), be32(24));
         match cmd {
             CMD_READ => {
                 if len > MAX_REQUEST || offset.checked_add(u64::from(len)).is_none_or(|e| e > size)
                 {
                     tracing::debug!(offset, len, "nbd read out of range");
-                    send(tx, (EINVAL, handle, None)).await?;
-                    continue;
-                }
-                let permit = slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(std::io::Error::other)?;
-                let rd = reader.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let res = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; len as usize];
-                        rd.read_at(&mut buf, offset).map(|()| buf)
-                    })
-                    .await;
-                    let reply = match res {
-                        Ok(Ok(buf)) => (0, handle, Some(buf)),
-                        Ok(Err(e)) => {
-                            tracing::error!(offset, len, "nbd read failed, replying EIO: {e}");
-                            (EIO, handle, None)
-                        }
-                        Err(e) => {
-                            tracing::error!(offset, len, "nbd read task failed, replying EIO: {e}");
-                            (EIO, handle, None)
+                    write_reply(&mut w, EINVAL, handle)?;
+                } else {
+                    buf.resize(len as usize, 0);
+                    let ok = reader.read_cached(&mut buf, offset) || {
+                        match reader.read_at(&mut buf, offset) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::error!(offset, len, "nbd read failed, replying EIO: {e}");
+                                false
+                            }
                         }
                     };
-                    let _ = tx.send(reply).await;
-                    drop(permit);
-                });
+                    if ok {
+                        write_reply(&mut w, 0, handle)?;
+                        w.write_all(&buf)?;
+                    } else {
+                        write_reply(&mut w, EIO, handle)?;
+                    }
+                }
             }
             CMD_WRITE => {
                 if len > MAX_REQUEST {
                     return Err(proto_err("oversized write to a read-only export"));
                 }
-                let mut sink = vec![0u8; len as usize];
-                r.read_exact(&mut sink).await?;
-                send(tx, (EPERM, handle, None)).await?;
+                std::io::copy(&mut (&mut r).take(u64::from(len)), &mut std::io::sink())?;
+                write_reply(&mut w, EPERM, handle)?;
             }
-            CMD_DISC => return Ok(()),
-            CMD_FLUSH => send(tx, (0, handle, None)).await?,
-            CMD_TRIM => send(tx, (EPERM, handle, None)).await?,
-            _ => send(tx, (EINVAL, handle, None)).await?,
+            CMD_DISC => {
+                w.flush()?;
+                return Ok(());
+            }
+            CMD_FLUSH => write_reply(&mut w, 0, handle)?,
+            CMD_TRIM => write_reply(&mut w, EPERM, handle)?,
+            _ => write_reply(&mut w, EINVAL, handle)?,
+        }
+        if r.buffer().is_empty() {
+            w.flush()?;
         }
     }
 }
