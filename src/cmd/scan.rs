@@ -265,6 +265,8 @@ enum Source {
         user: String,
         seq: u64,
     },
+    /// A read-only NBD export on a unix socket (qemu-nbd for disks only QEMU can open).
+    Nbd { socket: PathBuf },
 }
 
 fn open_source(v: &serde_json::Value) -> Result<Arc<dyn tandem_disk::ReadAt>, String> {
@@ -276,6 +278,7 @@ fn open_source(v: &serde_json::Value) -> Result<Arc<dyn tandem_disk::ReadAt>, St
 fn open_source_any(s: &Source) -> anyhow::Result<Arc<dyn tandem_disk::ReadAt>> {
     match s {
         Source::Image { path } => Ok(Arc::from(tandem_disk::open_image(path)?)),
+        Source::Nbd { socket } => Ok(Arc::new(tandem_disk::NbdClient::connect(socket)?)),
         Source::Version {
             data,
             name,
@@ -372,6 +375,63 @@ fn find_backup(
     })
 }
 
+/// A `qemu-nbd --read-only` export of one disk on a private unix socket; killed on drop.
+struct QemuNbd {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl QemuNbd {
+    fn start(image: &Path, secret: Option<&Path>, n: usize) -> anyhow::Result<Self> {
+        let socket =
+            std::env::temp_dir().join(format!("tandem-scan-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = std::process::Command::new("qemu-nbd");
+        cmd.args(["--read-only", "--persistent", "--shared=8", "--socket"])
+            .arg(&socket);
+        match secret {
+            Some(key) => {
+                cmd.arg("--object")
+                    .arg(format!("secret,id=sec0,file={}", key.display()))
+                    .arg("--image-opts")
+                    .arg(format!(
+                        "driver=qcow2,file.driver=file,file.filename={},encrypt.key-secret=sec0",
+                        image.display()
+                    ));
+            }
+            None => {
+                cmd.arg(image);
+            }
+        }
+        let child = cmd.stdout(std::process::Stdio::null()).spawn().context(
+            "starting qemu-nbd (apt-get install qemu-utils) to read a disk only QEMU can open",
+        )?;
+        let mut q = QemuNbd { child, socket };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !q.socket.exists() {
+            if let Some(st) = q.child.try_wait()? {
+                anyhow::bail!("qemu-nbd could not open {}: {st}", image.display());
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "qemu-nbd did not start serving {} within 60 s",
+                    image.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(q)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 /// Backup directories are named by the hex of the user name.
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
@@ -403,32 +463,48 @@ fn scan_vm(a: VmArgs, global: &Global) -> anyhow::Result<u8> {
     let mut docs = Vec::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         let target = format!("{} disk {} ({})", a.name, i, disk.path.display());
-        let code = match tandem_disk::open_image(&disk.path) {
-            Ok(view) => {
-                let source = serde_json::to_value(Source::Image {
+        // Disks our reader cannot open itself (LUKS-encrypted qcow2, overlays on an NBD
+        // base) are exported read-only by qemu-nbd, which decrypts with the VM's own key.
+        let direct = if disk.secret_file.is_some() {
+            None
+        } else {
+            tandem_disk::open_image(&disk.path).ok()
+        };
+        let mut export = None;
+        let opened: anyhow::Result<(Arc<dyn tandem_disk::ReadAt>, Source)> = match direct {
+            Some(view) => Ok((
+                Arc::from(view),
+                Source::Image {
                     path: disk.path.clone(),
-                })?;
-                let (code, report) = scan_view_report(
-                    Arc::from(view),
-                    source,
-                    &target,
-                    &a.rules,
-                    &a.limits,
-                    global,
-                )?;
+                },
+            )),
+            None => QemuNbd::start(&disk.path, disk.secret_file.as_deref(), i).and_then(|q| {
+                let socket = q.socket.clone();
+                export = Some(q);
+                let view: Arc<dyn tandem_disk::ReadAt> =
+                    Arc::new(tandem_disk::NbdClient::connect(&socket)?);
+                Ok((view, Source::Nbd { socket }))
+            }),
+        };
+        let code = match opened {
+            Ok((view, source)) => {
+                let source = serde_json::to_value(source)?;
+                let (code, report) =
+                    scan_view_report(view, source, &target, &a.rules, &a.limits, global)?;
                 docs.push(serde_json::json!({ "disk": i, "path": disk.path, "report": report }));
                 code
             }
             Err(e) => {
                 if !a.limits.json {
-                    println!("{target}: NOT SCANNED ({e})");
+                    println!("{target}: NOT SCANNED ({e:#})");
                 }
                 docs.push(
-                    serde_json::json!({ "disk": i, "path": disk.path, "error": e.to_string() }),
+                    serde_json::json!({ "disk": i, "path": disk.path, "error": format!("{e:#}") }),
                 );
                 exit::INCOMPLETE
             }
         };
+        drop(export);
         worst = match (worst, code) {
             (exit::FINDING, _) | (_, exit::FINDING) => exit::FINDING,
             (exit::INCOMPLETE, _) | (_, exit::INCOMPLETE) => exit::INCOMPLETE,

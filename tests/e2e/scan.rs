@@ -709,6 +709,35 @@ fn scan_vm_refuses_a_running_vm_and_scans_its_disks_when_stopped() {
     let guest = super::util::guest();
     let vm = super::util::NamedVm::new("e2e-scan");
     let disk_arg = format!("{},ro", s(&data_disk));
+    // A LUKS-encrypted qcow2 (like the corporate user disk): read through qemu-nbd with
+    // the VM's own key file.
+    let src2 = d.path().join("src2");
+    write(
+        &src2,
+        "/Documents/secret-payload.doc",
+        format!("..{EICAR}..").as_bytes(),
+    );
+    let plain = mkext4(d.path(), &src2, "user.img", 8, &[]);
+    let key = d.path().join("user.key");
+    std::fs::write(&key, "dGFuZGVtLXRlc3Qta2V5").expect("key");
+    let user = d.path().join("user.qcow2");
+    let secret = format!("secret,id=s0,file={}", s(&key));
+    let luks = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &secret,
+            "-O",
+            "qcow2",
+            "-o",
+            luks,
+            s(&plain),
+            s(&user),
+        ],
+    );
+    let user_arg = format!("{},secret={}", s(&user), s(&key));
     let g = s(&guest).to_string();
     run(&mut vm.cmd(
         "start",
@@ -719,6 +748,8 @@ fn scan_vm_refuses_a_running_vm_and_scans_its_disks_when_stopped() {
             &g,
             "--disk",
             &disk_arg,
+            "--disk",
+            &user_arg,
             "--json",
         ],
     ))
@@ -741,7 +772,7 @@ fn scan_vm_refuses_a_running_vm_and_scans_its_disks_when_stopped() {
     let j = r.json();
     assert_eq!(
         j["disks"].as_array().map(|a| a.len()),
-        Some(2),
+        Some(3),
         "{}",
         r.stdout
     );
@@ -753,6 +784,13 @@ fn scan_vm_refuses_a_running_vm_and_scans_its_disks_when_stopped() {
         .filter_map(|f| f["path"].as_str())
         .collect();
     assert_eq!(infected, vec!["/home/user/payload.txt"]);
+    let enc: Vec<&str> = j["disks"][2]["report"]["volumes"][0]["files"]
+        .as_array()
+        .expect("files of the encrypted disk")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(enc, vec!["/Documents/secret-payload.doc"], "{}", r.stdout);
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //!
 //! - [`ReadAt`]: the one trait, `size()` + `read_at(buf, offset)` filling `buf` or failing.
 //!   Implemented by [`RawFile`], [`Qcow2`] (with its backing chain), [`Slice`] (a
-//!   partition), [`MemDisk`]. [`open_image`] picks raw or qcow2 from the file's magic.
+//!   partition), [`MemDisk`], [`NbdClient`] (a read-only NBD export, e.g. `qemu-nbd` over an
+//!   encrypted qcow2). [`open_image`] picks raw or qcow2 from the file's magic.
 //! - [`volumes`]: GPT (CRC-checked, backup used if the primary is damaged), MBR with
 //!   logical partitions, or the whole disk as one volume; [`detect_fs`] names what a volume
 //!   holds (ext, FAT, NTFS, LUKS, BitLocker, swap, LVM).
@@ -31,6 +32,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod nbd;
 pub mod partition;
 pub mod qcow2;
 pub mod unused;
@@ -38,6 +40,7 @@ pub mod view;
 
 use std::path::{Path, PathBuf};
 
+pub use nbd::NbdClient;
 pub use partition::{detect_fs, volumes, FsKind, TableKind, Volume};
 pub use qcow2::Qcow2;
 pub use unused::{unused_ranges, UnusedMap, VolumeUsage};

@@ -145,7 +145,7 @@ fn encrypted_qcow2_is_refused_with_a_clear_message() {
             "--object",
             &format!("secret,id=s0,file={}", s(&key)),
             "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
             s(&e),
             "1M",
         ],
@@ -253,4 +253,71 @@ fn qcow2_bytes_held_in_another_view_are_read_the_same() {
     let held: Arc<dyn ReadAt> = Arc::new(tandem_disk::MemDisk(std::fs::read(&ov).expect("read")));
     let err = tandem_disk::open_view(held, &ov).expect_err("backing refused");
     assert!(err.to_string().contains("backing file"), "{err}");
+}
+
+#[test]
+fn nbd_client_reads_an_encrypted_qcow2_decrypted_by_qemu_nbd() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let base = d.path().join("base.raw");
+    let data = pattern(3 << 20, 5);
+    std::fs::write(&base, &data).expect("write");
+    let key = d.path().join("key");
+    std::fs::write(&key, "c2VjcmV0LXBhc3M=").expect("key");
+    let e = d.path().join("e.qcow2");
+    let secret = format!("secret,id=s0,file={}", s(&key));
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &secret,
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            s(&base),
+            s(&e),
+        ],
+    );
+    let sock = d.path().join("nbd.sock");
+    let mut child = std::process::Command::new("qemu-nbd")
+        .args([
+            "--read-only",
+            "--persistent",
+            "--shared=4",
+            "--socket",
+            s(&sock),
+            "--object",
+            &secret,
+            "--image-opts",
+        ])
+        .arg(format!(
+            "driver=qcow2,file.driver=file,file.filename={},encrypt.key-secret=s0",
+            s(&e)
+        ))
+        .spawn()
+        .expect("qemu-nbd");
+    let mut ok = false;
+    for _ in 0..100 {
+        if sock.exists() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let result = std::panic::catch_unwind(|| {
+        assert!(ok, "qemu-nbd did not create its socket");
+        let v = tandem_disk::NbdClient::connect(&sock).expect("connect");
+        assert_eq!(v.size(), data.len() as u64);
+        assert_eq!(read_all(&v), data);
+        let mut b = vec![0u8; 777];
+        v.read_at(&mut b, 1_000_001).expect("read");
+        assert_eq!(b, data[1_000_001..1_000_778]);
+        assert!(v.read_at(&mut b, data.len() as u64 - 10).is_err());
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
 }
