@@ -24,4 +24,4 @@ if [ -x scripts/postgres.sh ]; then
 fi
 
 echo "test: cargo test (release profile: the same build as the demo)"
-cargo test --release --locked --workspace -- "$@"
+cargo test --release --locked --workspace --no-fail-fast -- "$@"

@@ -87,50 +87,6 @@ pub struct RestoreReport {
     pub chunks: u64,
 }
 
-async fn raw_request(
-    http: &reqwest::Client,
-    id: &Identity,
-    method: reqwest::Method,
-    path: &str,
-    body: Vec<u8>,
-) -> Result<Vec<u8>, ClientError> {
-    let url = format!("{}{path}", id.info.server);
-    let mut req = http.request(method.clone(), &url);
-    for (name, value) in id.sign_request(method.as_str(), path, &body) {
-        req = req.header(name, value);
-    }
-    let resp = req
-        .body(body)
-        .send()
-        .await
-        .map_err(|source| ClientError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-    let status = resp.status();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|source| ClientError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-    if !status.is_success() {
-        let body =
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| tandem_proto::api::ApiErrorBody {
-                code: "http".into(),
-                message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-                request_id: None,
-            });
-        return Err(ClientError::Refused {
-            url,
-            status: status.as_u16(),
-            body,
-        });
-    }
-    Ok(bytes.to_vec())
-}
-
 /// A distinct data chunk of a disk file: its id, offset and length.
 type DataChunk = (ChunkId, u64, usize);
 
@@ -221,7 +177,7 @@ pub async fn upload(
             });
         }
         uploaded_bytes += data.len() as u64;
-        raw_request(
+        client::signed_bytes(
             &http,
             &id,
             reqwest::Method::PUT,
@@ -278,7 +234,7 @@ pub async fn restore_latest(
     for (i, c) in record.manifest.chunks.iter().enumerate() {
         let Some(cid) = c else { continue };
         if !fetched.contains_key(cid) {
-            let data = raw_request(
+            let data = client::signed_bytes(
                 &http,
                 &id,
                 reqwest::Method::GET,
@@ -315,7 +271,7 @@ pub async fn escrow_put(dir: &AgentDir, key_base64: &str) -> Result<(), BackupEr
         key: key_base64.to_string(),
     })
     .expect("escrow serializes");
-    raw_request(&http, &id, reqwest::Method::PUT, "/v1/escrow", body).await?;
+    client::signed_bytes(&http, &id, reqwest::Method::PUT, "/v1/escrow", body).await?;
     Ok(())
 }
 

@@ -69,13 +69,14 @@ pub fn http() -> Result<reqwest::Client, ClientError> {
         .map_err(ClientError::Setup)
 }
 
-async fn finish<R: DeserializeOwned>(
-    url: String,
+/// Reads a response: its body when the status is a success, else the server's error.
+async fn body_of(
+    url: &str,
     resp: Result<reqwest::Response, reqwest::Error>,
-) -> Result<R, ClientError> {
+) -> Result<Vec<u8>, ClientError> {
     const LIMIT: usize = 16 * 1024 * 1024;
     let resp = resp.map_err(|source| ClientError::Unreachable {
-        url: url.clone(),
+        url: url.to_string(),
         source,
     })?;
     let status = resp.status();
@@ -83,12 +84,12 @@ async fn finish<R: DeserializeOwned>(
         .bytes()
         .await
         .map_err(|source| ClientError::Unreachable {
-            url: url.clone(),
+            url: url.to_string(),
             source,
         })?;
     if bytes.len() > LIMIT {
         return Err(ClientError::Malformed {
-            url,
+            url: url.to_string(),
             why: format!("answer larger than {LIMIT} bytes"),
         });
     }
@@ -99,15 +100,40 @@ async fn finish<R: DeserializeOwned>(
             request_id: None,
         });
         return Err(ClientError::Refused {
-            url,
+            url: url.to_string(),
             status: status.as_u16(),
             body,
         });
     }
+    Ok(bytes.to_vec())
+}
+
+async fn finish<R: DeserializeOwned>(
+    url: String,
+    resp: Result<reqwest::Response, reqwest::Error>,
+) -> Result<R, ClientError> {
+    let bytes = body_of(&url, resp).await?;
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed {
         url,
         why: e.to_string(),
     })
+}
+
+/// Sends raw bytes signed with the device key and returns the raw answer (chunk uploads
+/// and downloads). An empty body for a `GET`.
+pub async fn signed_bytes(
+    http: &reqwest::Client,
+    id: &Identity,
+    method: reqwest::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, ClientError> {
+    let url = format!("{}{path}", id.info.server);
+    let mut req = http.request(method.clone(), &url);
+    for (name, value) in id.sign_request(method.as_str(), path, &body) {
+        req = req.header(name, value);
+    }
+    body_of(&url, req.body(body).send().await).await
 }
 
 /// POSTs JSON without a device signature (enrollment only).
