@@ -21,15 +21,25 @@ pub struct ScanArgs {
     cmd: ScanCmd,
 }
 
+/// Shown under `tandem scan --help` and each verb's help.
+const SCAN_HELP: &str =
+    "Exit codes: 0 clean, 1 infected, 2 incomplete (something could not be scanned), 3 error.
+Docs: docs/scan.md (verdicts, limits, incremental state, rule bundles, blind spots).";
+
 #[derive(Debug, clap::Subcommand)]
+#[command(after_help = SCAN_HELP)]
 enum ScanCmd {
     /// Scan a raw or qcow2 disk image file (qcow2 backing chains are followed).
+    #[command(after_help = SCAN_HELP)]
     Image(ImageArgs),
     /// Scan a stored image version, NAME@VERSION or NAME for the newest (server side).
+    #[command(after_help = SCAN_HELP)]
     Version(VersionArgs),
     /// Scan a user's latest backup (or --seq N), or the latest one a device uploaded.
+    #[command(after_help = SCAN_HELP)]
     Backup(BackupArgs),
     /// Scan the disks of a named VM; refused while it runs.
+    #[command(after_help = SCAN_HELP)]
     Vm(VmArgs),
     /// Sign a rule bundle with the server's rules key (for distribution to agents).
     Bundle(BundleArgs),
