@@ -3,10 +3,8 @@
 /// Success; for scans, every file was read and none matched.
 pub const SUCCESS: u8 = 0;
 /// Finished with a negative finding (a scan found something).
-#[allow(dead_code)]
 pub const FINDING: u8 = 1;
 /// Finished, but something could not be read or scanned.
-#[allow(dead_code)]
 pub const INCOMPLETE: u8 = 2;
 /// An error: bad usage, bad input, or a runtime failure.
 pub const ERROR: u8 = 3;

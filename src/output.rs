@@ -11,7 +11,6 @@ pub struct Global {
 
 impl Global {
     /// Whether to draw progress bars: stderr is a terminal and the user did not ask for quiet.
-    #[allow(dead_code)]
     pub fn progress(&self, json: bool) -> bool {
         !self.quiet && !json && std::io::stderr().is_terminal()
     }
@@ -46,14 +45,19 @@ pub fn print_error(err: &anyhow::Error) {
 }
 
 /// Prints one JSON document on stdout.
-#[allow(dead_code)]
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    use std::io::Write as _;
+    let text = serde_json::to_string_pretty(value)?;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // The reader went away (`| head`): not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Runs a future to completion on a fresh multi-threaded runtime.
-#[allow(dead_code)]
 pub fn block_on<F: std::future::Future>(fut: F) -> anyhow::Result<F::Output> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -45,14 +45,6 @@ enum GuestCommand {
     },
 }
 
-/// The default guest directory (shared by the demo, tests and benchmarks).
-#[allow(dead_code)]
-pub fn default_guest_dir() -> PathBuf {
-    std::env::var_os("TANDEM_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/tandem/guest"))
-}
-
 /// Builds (or loads from the cache) the guest in `out`, narrating on stderr.
 pub fn build_guest(
     out: &std::path::Path,
