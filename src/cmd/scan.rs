@@ -454,7 +454,21 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Scans every disk of a stopped VM, one report each.
-fn scan_vm(a: VmArgs, global: &Global) -> anyhow::Result<u8> {
+fn scan_vm(mut a: VmArgs, global: &Global) -> anyhow::Result<u8> {
+    // A desktop's VMs live in `<agent dir>/vms`: without explicit rules, use the bundle
+    // the agent received from the server, verified against the rules key it pinned.
+    let no_rules =
+        a.rules.rules.is_empty() && a.rules.blocklist.is_none() && a.rules.bundle.is_none();
+    if let (true, Some(agent_root)) = (no_rules, a.state_dir.parent()) {
+        let agent = tandem_agent::AgentDir::new(agent_root);
+        let bundle = tandem_agent::rules::bundle_path(&agent);
+        if bundle.is_file() {
+            if let Ok(id) = tandem_agent::identity::Identity::load(&agent) {
+                a.rules.trust = Some(id.info.keys.rules.to_base64());
+                a.rules.bundle = Some(bundle);
+            }
+        }
+    }
     let rd = tandem_vm::rundir::RunDir::existing(&a.state_dir, &a.name)
         .with_context(|| format!("looking up VM {} in {}", a.name, a.state_dir.display()))?;
     let st = rd.state()?;

@@ -359,3 +359,55 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
     assert!(!a.join("corporate").join("user.qcow2").exists());
     start(&a).code(3);
 }
+
+#[test]
+fn scan_rules_are_distributed_signed_and_never_forged_or_rolled_back() {
+    use super::fleet::{Backend, Fleet};
+    let f = Fleet::start(Backend::Sqlite).expect("a SQLite fleet always starts");
+    f.admin(&["user", "create", "dave"]).ok();
+    let (a, _) = f.enroll("laptop-r", "dave");
+    let rules = f.tmp.path().join("marker.yar");
+    std::fs::write(
+        &rules,
+        "rule dave_marker { strings: $a = \"dave-marker\" condition: $a }\n",
+    )
+    .expect("rules");
+    let srv = f.tmp.path().join("srv");
+    let publish = |data: &Path, version: &str| {
+        let out = srv.join("rules").join("current.json");
+        std::fs::create_dir_all(out.parent().expect("parent")).expect("mkdir");
+        run(tandem()
+            .args(["scan", "bundle", "sign", "--rules"])
+            .arg(&rules)
+            .args(["--bundle-version", version, "--data"])
+            .arg(data)
+            .arg("-o")
+            .arg(&out))
+        .ok();
+    };
+    let held = a.join("state").join("rules.json");
+
+    // IT publishes bundle v2; the device's check-in fetches and verifies it.
+    publish(&srv, "2");
+    f.agent(&a, &["check-in"]).ok();
+    let v2 = std::fs::read(&held).expect("the agent holds the verified bundle");
+
+    // A bundle signed by another key is refused; the old one stays in use.
+    let rogue = tempfile::tempdir().expect("tempdir");
+    publish(rogue.path(), "3");
+    f.agent(&a, &["check-in"]).ok();
+    assert_eq!(
+        std::fs::read(&held).expect("bundle"),
+        v2,
+        "a forged bundle replaced the real one"
+    );
+
+    // An older bundle, properly signed, is refused too.
+    publish(&srv, "1");
+    f.agent(&a, &["check-in"]).ok();
+    assert_eq!(
+        std::fs::read(&held).expect("bundle"),
+        v2,
+        "the bundle went backwards"
+    );
+}

@@ -327,6 +327,10 @@ pub async fn checkin_once(dir: &AgentDir, hooks: &dyn Hooks) -> Result<Outcome, 
     };
     if let Ok(Outcome::Applied { target, pulls, .. }) = &mut result {
         *pulls = crate::images::pull_assigned(dir, id.clone(), target).await;
+        // A bundle that fails to update leaves the previous one in use; retried next time.
+        if let Err(e) = crate::rules::sync(dir, &id, &http, target.rules_version).await {
+            tracing::warn!(error = %e, "scan rule bundle not updated");
+        }
     }
     match &result {
         Ok(_) => {

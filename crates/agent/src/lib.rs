@@ -31,6 +31,7 @@ pub mod identity;
 pub mod images;
 pub mod kill;
 pub mod lease;
+pub mod rules;
 pub mod status;
 
 use std::path::{Path, PathBuf};

@@ -138,7 +138,7 @@ pub async fn checkin(
         policy,
         lease,
         kill: kill.clone(),
-        rules_version: None,
+        rules_version: crate::rules::current_version(&st.data_dir),
     };
     let report_json = serde_json::to_string(&report).expect("serializing plain data cannot fail");
     let actor = format!("device:{}", dev.id);

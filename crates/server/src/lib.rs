@@ -27,6 +27,7 @@ pub mod error;
 pub mod fleet;
 pub mod images;
 pub mod keys;
+pub mod rules;
 
 use std::fmt;
 use std::future::Future;
@@ -261,7 +262,11 @@ pub async fn serve(
         svc: backups::BackupService::new(&server.state.data_dir, service.store().clone()),
         app: server.state.clone(),
     });
-    let app = router_with(server.state, images::routes(service).merge(backups));
+    let rules = rules::routes(server.state.data_dir.clone());
+    let app = router_with(
+        server.state,
+        images::routes(service).merge(backups).merge(rules),
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
