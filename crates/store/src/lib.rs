@@ -13,7 +13,8 @@
 //! <root>/lock              advisory lock file: ingest holds it shared, GC exclusive
 //! ```
 //!
-//! - Payloads are zstd (level 3) when that shrinks them, raw otherwise; on a sealed store
+//! - Payloads are zstd (level 3 on the server, 1 on laptops where it runs at sync time)
+//!   when that shrinks them, raw otherwise; on a sealed store
 //!   the payload is then sealed with XChaCha20-Poly1305 ([`crypto`]).
 //! - The index maps a chunk id to `(pack, offset, stored_len, raw_len, flags, added)`.
 //!   A record is written and made durable *before* its index entry is committed, so a crash
@@ -74,7 +75,10 @@ use pack::{PackWriter, RecordHeader, FLAG_AEAD, FLAG_ZSTD};
 pub const MAX_CHUNK_LEN: usize = tandem_proto::manifest::MAX_CHUNK_SIZE as usize;
 /// Largest payload a record may claim (compression overhead and AEAD framing included).
 pub const MAX_STORED_LEN: usize = MAX_CHUNK_LEN + MAX_CHUNK_LEN / 64 + 4096;
+/// zstd level on the server, where chunks are compressed once and sent to many laptops.
 const ZSTD_LEVEL: i32 = 3;
+/// zstd level on sealed (laptop) stores, where chunks are compressed while a sync applies.
+const ZSTD_LEVEL_SEALED: i32 = 1;
 const INDEX_FORMAT: u32 = 1;
 
 /// Location tuple: (pack, offset, stored_len, raw_len, flags, added unix seconds).
@@ -569,7 +573,12 @@ impl Store {
                     return Err(StoreError::Mismatch(id));
                 }
                 let raw_len = data.len() as u32;
-                match zstd::bulk::compress(&data, ZSTD_LEVEL) {
+                let level = if self.key.is_some() {
+                    ZSTD_LEVEL_SEALED
+                } else {
+                    ZSTD_LEVEL
+                };
+                match zstd::bulk::compress(&data, level) {
                     Ok(c) if c.len() < data.len() => (raw_len, FLAG_ZSTD, c),
                     _ => (raw_len, 0, data),
                 }
