@@ -76,6 +76,9 @@ struct PublishArgs {
     /// Version number (default: one more than the highest).
     #[arg(long)]
     version: Option<u64>,
+    /// Publish even when the pre-publish malware scan finds something or cannot finish.
+    #[arg(long)]
+    force: bool,
     /// Print one JSON document.
     #[arg(long)]
     json: bool,
@@ -306,10 +309,79 @@ fn bar(global: &Global, json: bool, len: u64, msg: &str) -> Option<indicatif::Pr
     Some(b)
 }
 
+/// Scans a gold image before it is published, in isolated workers (`tandem scan image`),
+/// with the server's current signed rule bundle when IT published one.
+fn scan_before_publish(
+    a: &PublishArgs,
+    keys: &tandem_server::keys::ServerKeys,
+    global: &Global,
+) -> anyhow::Result<()> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["scan", "image"]).arg(&a.file).arg("--json");
+    let bundle = tandem_server::rules::bundle_path(&a.data.data);
+    if bundle.is_file() {
+        cmd.arg("--bundle")
+            .arg(&bundle)
+            .arg("--trust")
+            .arg(keys.rules.public().to_base64());
+    }
+    if !global.quiet && !a.json {
+        eprintln!(
+            "scanning {} for malware before publishing",
+            a.file.display()
+        );
+    }
+    let out = cmd.output().context("running the pre-publish scan")?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let infected: Vec<String> = report["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|v| v["files"].as_array().cloned().unwrap_or_default())
+        .filter(|f| f["verdict"] == "infected")
+        .filter_map(|f| f["path"].as_str().map(str::to_string))
+        .collect();
+    let verdict = match out.status.code() {
+        Some(0) => return Ok(()),
+        Some(1) => format!(
+            "the pre-publish scan found malware in {}{}",
+            a.file.display(),
+            if infected.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", infected.join(", "))
+            }
+        ),
+        Some(2) => {
+            if !global.quiet {
+                eprintln!(
+                    "warning: parts of {} could not be scanned (see `tandem scan image {}`); publishing anyway",
+                    a.file.display(),
+                    a.file.display()
+                );
+            }
+            return Ok(());
+        }
+        _ => format!(
+            "the pre-publish scan of {} failed: {}",
+            a.file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    };
+    if a.force {
+        eprintln!("warning: {verdict}; publishing anyway because of --force");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{verdict}; nothing was published (fix the image, or pass --force to publish it anyway)"
+    )
+}
+
 fn publish(a: PublishArgs, global: &Global) -> anyhow::Result<u8> {
     let data = &a.data.data;
     let (cat, _) = server_catalog(data)?;
     let keys = tandem_server::keys::ServerKeys::load_or_create(data)?;
+    scan_before_publish(&a, &keys, global)?;
     let store = tandem_store::Store::open(&data.join("store"))
         .with_context(|| format!("opening chunk store in {}", data.display()))?;
     let size = std::fs::metadata(&a.file)

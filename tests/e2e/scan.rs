@@ -843,3 +843,64 @@ fn scan_hostile_fat_and_ntfs_metadata_never_crash_or_hang() {
     let r = scan(&fat, &["--volume-timeout", "0"]).code(2);
     assert_eq!(r.json()["volumes"][0]["reason"], "timeout", "{}", r.stdout);
 }
+
+#[test]
+fn publish_scans_the_gold_image_first_and_refuses_an_infected_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("boot.sh");
+    // The EICAR test string, split so this source file is not itself a detection.
+    let eicar = format!(
+        "{}{}",
+        "X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-", "ANTIVIRUS-TEST-FILE!$H+H*"
+    );
+    std::fs::write(&script, format!("{eicar}\n")).expect("write script");
+    let image = dir.path().join("gold.ext4");
+    run(tandem()
+        .args([
+            "guest",
+            "rootfs",
+            "--release",
+            "bad gold",
+            "--size-mib",
+            "16",
+            "--out",
+        ])
+        .arg(&image)
+        .arg("--boot-script")
+        .arg(&script))
+    .ok();
+    let data = dir.path().join("srv");
+    let refused = run(tandem()
+        .args(["image", "publish", "corp-gold"])
+        .arg(&image)
+        .arg("--data")
+        .arg(&data))
+    .code(3);
+    assert!(
+        refused.stderr.contains("found malware") && refused.stderr.contains("/etc/tandem/boot.sh"),
+        "{}",
+        refused.stderr
+    );
+    let listed = run(tandem()
+        .args(["image", "list", "--json", "--data"])
+        .arg(&data))
+    .ok();
+    assert!(
+        !listed.stdout.contains("corp-gold"),
+        "an infected image was published: {}",
+        listed.stdout
+    );
+    let forced = run(tandem()
+        .args(["image", "publish", "corp-gold", "--force"])
+        .arg(&image)
+        .arg("--data")
+        .arg(&data))
+    .ok();
+    assert!(
+        forced
+            .stderr
+            .contains("publishing anyway because of --force"),
+        "{}",
+        forced.stderr
+    );
+}
