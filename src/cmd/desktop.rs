@@ -327,6 +327,9 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
     rd.write_spec(&spec)?;
     rd.write_sidecars(&prepared.sidecars)?;
     let st = crate::cmd::vm::start_supervisor(&layout.vms_dir(), &rd)?;
+    if let Err(e) = collect_old_versions(&layout) {
+        tracing::warn!(error = %format!("{e:#}"), "old image versions not collected; retried at the next start");
+    }
     // QEMU has read the passphrase: remove it from disk.
     drop(prepared.secret);
     Ok(st)
@@ -413,6 +416,53 @@ fn backup(dir: &Path) -> anyhow::Result<tandem_agent::backup::BackupReport> {
     let result = crate::output::block_on(tandem_agent::backup::upload(&agent, &copy, taken_at));
     let _ = std::fs::remove_file(&copy);
     result?.context("uploading the backup (the previous backup stays the latest)")
+}
+
+/// The `NAME@VERSION` a desktop runs on, from its base record, if it runs.
+fn version_in_use(layout: &Layout, d: Desktop) -> Option<(String, u64)> {
+    if !personal::is_running(layout, d).ok()? {
+        return None;
+    }
+    let bytes = std::fs::read(layout.base_record(d)).ok()?;
+    let base: BaseDisk = serde_json::from_slice(&bytes).ok()?;
+    let (name, version) = base.label().split_once('@')?;
+    Some((name.to_string(), version.parse().ok()?))
+}
+
+/// Update at the next boot, second half: once a desktop runs on a newer version, older
+/// versions of its image that no running desktop uses are dropped from this laptop and
+/// their chunks collected. The newest version always stays (the next delta's base).
+fn collect_old_versions(layout: &Layout) -> anyhow::Result<()> {
+    let catalog = tandem_sync::catalog::Catalog::new(&layout.root().join("store").join("catalog"));
+    let running: Vec<(String, u64)> = [Desktop::Corporate, Desktop::Personal]
+        .into_iter()
+        .filter_map(|d| version_in_use(layout, d))
+        .collect();
+    let mut dropped = Vec::new();
+    for (name, newest_running) in &running {
+        for v in catalog.versions(name)? {
+            let used = running.iter().any(|(n, rv)| n == name && *rv == v);
+            if v < *newest_running && !used {
+                catalog.delete(name, v)?;
+                dropped.push(format!("{name}@{v}"));
+            }
+        }
+    }
+    if dropped.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "removed {} (no desktop uses it any more)",
+        dropped.join(", ")
+    );
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["store", "gc", "--json", "--dir"])
+        .arg(layout.root())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("store gc: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// `tandem vm snapshot|snapshots|rollback|reset` on a desktop.

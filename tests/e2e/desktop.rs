@@ -179,6 +179,7 @@ fn demo_runs_the_whole_story() {
         "backup 1 committed",
         "backup 2 committed",
         "corporate: restored the user disk from backup 2",
+        "removed corp-gold@1 (no desktop uses it any more)",
         "Demo complete",
     ] {
         assert!(
