@@ -688,6 +688,8 @@ fn scan_stored_version_reads_the_chunk_store() {
         s(&data),
         "gold",
         s(&img),
+        // The image is planted with test malware on purpose: publish refuses it without.
+        "--force",
         "--json",
     ]);
     run(&mut c).ok();
