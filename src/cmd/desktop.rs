@@ -137,8 +137,12 @@ pub fn run(args: DesktopArgs, global: &Global) -> anyhow::Result<u8> {
             let layout = Layout::new(&dir.dir);
             let rd = RunDir::existing(&layout.vms_dir(), desktop.name())?;
             let st = rd.stop(Duration::from_secs(timeout))?;
-            println!("{desktop}: stopped");
-            let _ = st;
+            match st.exit {
+                Some(tandem_vm::Exit::Stopped { how }) if how != "guest" => {
+                    println!("{desktop}: stopped ({how}: the guest did not power off in time)")
+                }
+                _ => println!("{desktop}: stopped"),
+            }
             Ok(exit::SUCCESS)
         }
         DesktopCommand::Backup { dir, json } => backup_and_report(&dir.dir, json, global),
