@@ -349,7 +349,7 @@ fn user_disk_key(
     use tandem_desktop::keys::{SecretKey, UserDiskKeys};
     let keys = UserDiskKeys::new(&layout.keys_dir());
     if keys.exists() || layout.corporate_user_disk().exists() {
-        return Ok(keys.unwrap()?);
+        return Ok(keys.unwrap_key()?);
     }
     let escrowed = crate::output::block_on(tandem_agent::backup::escrow_get(agent))?
         .context("fetching the escrowed user disk key from the server")?;

@@ -153,7 +153,7 @@ impl UserDiskKeys {
     }
 
     /// Unwraps the key. Call only after the lease check passed.
-    pub fn unwrap(&self) -> Result<SecretKey, DesktopError> {
+    pub fn unwrap_key(&self) -> Result<SecretKey, DesktopError> {
         let wrap_key = std::fs::read(&self.wrap_key)
             .map_err(|_| DesktopError::KeyMissing(self.wrap_key.clone()))?;
         let wrap_key = SecretKey(
@@ -212,9 +212,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let keys = UserDiskKeys::new(dir.path());
         let k = keys.create().expect("create");
-        assert_eq!(keys.unwrap().expect("unwrap"), k);
+        assert_eq!(keys.unwrap_key().expect("unwrap"), k);
         assert!(!format!("{k:?}").contains(&k.passphrase()));
         std::fs::remove_file(dir.path().join("wrap.key")).expect("erase");
-        assert!(matches!(keys.unwrap(), Err(DesktopError::KeyMissing(_))));
+        assert!(matches!(keys.unwrap_key(), Err(DesktopError::KeyMissing(_))));
     }
 }
