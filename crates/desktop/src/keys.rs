@@ -215,6 +215,9 @@ mod tests {
         assert_eq!(keys.unwrap_key().expect("unwrap"), k);
         assert!(!format!("{k:?}").contains(&k.passphrase()));
         std::fs::remove_file(dir.path().join("wrap.key")).expect("erase");
-        assert!(matches!(keys.unwrap_key(), Err(DesktopError::KeyMissing(_))));
+        assert!(matches!(
+            keys.unwrap_key(),
+            Err(DesktopError::KeyMissing(_))
+        ));
     }
 }
