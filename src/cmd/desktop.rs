@@ -171,6 +171,7 @@ fn resolve_base(
     layout: &Layout,
     desktop: Desktop,
     base: &BaseArgs,
+    target: Option<&tandem_proto::fleet::TargetState>,
 ) -> anyhow::Result<(BaseDisk, Vec<Sidecar>)> {
     if desktop == Desktop::Corporate && (base.base_file.is_some() || base.image.is_some()) {
         // The corporate desktop's definition is IT's: it boots the assigned version only.
@@ -193,13 +194,12 @@ fn resolve_base(
     let image = match &base.image {
         Some(image) => image,
         None => {
-            let agent = tandem_agent::AgentDir::new(layout.root());
-            let target = tandem_agent::checkin::current_target(&agent)?.with_context(|| {
+            let target = target.with_context(|| {
                 format!("no target state yet: run `tandem agent check-in`, or say what the {desktop} desktop boots from with --image NAME[@VERSION] or --base-file FILE")
             })?;
             let assignment = match desktop {
-                Desktop::Corporate => target.assignments.corporate,
-                Desktop::Personal => target.assignments.personal,
+                Desktop::Corporate => target.assignments.corporate.clone(),
+                Desktop::Personal => target.assignments.personal.clone(),
             };
             let a = assignment
                 .with_context(|| format!("IT assigned no {desktop} image to this device"))?;
@@ -289,10 +289,13 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
         .into());
     }
     let mut boot = boot_config(base)?;
+    // The last verified target state, read once: assignments and device controls.
+    // (A personal desktop may run on a device that never enrolled: no target then.)
+    let target = tandem_agent::checkin::current_target(&tandem_agent::AgentDir::new(dir))
+        .ok()
+        .flatten();
     // Device controls come from IT's signed policy, not from the user's command line.
-    if let Ok(Some(target)) =
-        tandem_agent::checkin::current_target(&tandem_agent::AgentDir::new(dir))
-    {
+    if let Some(target) = &target {
         if desktop == Desktop::Corporate {
             boot.controls.usb = target.policy.controls.usb;
             boot.network = if target.policy.controls.network {
@@ -312,7 +315,7 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
             let lease = tandem_agent::lease::check(&agent, now)?;
             tracing::info!(days_left = lease.days_left, "lease valid");
             let key = user_disk_key(&agent, &layout)?;
-            let (base_disk, sidecars) = resolve_base(&layout, desktop, base)?;
+            let (base_disk, sidecars) = resolve_base(&layout, desktop, base, target.as_ref())?;
             prepare::corporate(
                 &layout,
                 &base_disk,
@@ -323,7 +326,7 @@ fn start(dir: &Path, desktop: Desktop, base: &BaseArgs) -> anyhow::Result<VmStat
             )?
         }
         Desktop::Personal => {
-            let (base_disk, sidecars) = resolve_base(&layout, desktop, base)?;
+            let (base_disk, sidecars) = resolve_base(&layout, desktop, base, target.as_ref())?;
             prepare::personal(&layout, &base_disk, &boot, sidecars)?
         }
     };

@@ -30,6 +30,7 @@ use tandem_store::Store;
 
 use crate::auth::{Admin, Caller};
 use crate::error::{parse_json, ApiError, InternalError};
+use crate::fsutil::write_atomic;
 use crate::{audit, now, AppState};
 
 /// Backups always kept, newest first.
@@ -56,24 +57,6 @@ fn storage(what: &str, e: impl std::fmt::Display) -> ApiError {
 
 fn user_dir_name(user: &str) -> String {
     hex::encode(user.as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 impl BackupService {

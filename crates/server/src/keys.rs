@@ -72,8 +72,6 @@ impl ServerKeys {
 }
 
 fn load_or_create_key(path: &Path) -> Result<SigningKey, KeyError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     match std::fs::read_to_string(path) {
         Ok(text) => SigningKey::from_base64(&text).map_err(|source| KeyError::Damaged {
             path: path.to_path_buf(),
@@ -81,21 +79,12 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey, KeyError> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate();
-            let io = |source| KeyError::Io {
-                path: path.to_path_buf(),
-                source,
-            };
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(key.to_base64().as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, path).map_err(io)?;
+            crate::fsutil::write_atomic(path, key.to_base64().as_bytes(), 0o600).map_err(
+                |source| KeyError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            )?;
             Ok(key)
         }
         Err(source) => Err(KeyError::Io {

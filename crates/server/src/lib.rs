@@ -25,6 +25,7 @@ pub mod auth;
 pub mod backups;
 pub mod error;
 pub mod fleet;
+pub mod fsutil;
 pub mod images;
 pub mod keys;
 pub mod rules;
