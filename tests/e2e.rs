@@ -6,6 +6,7 @@ mod e2e {
     pub mod fleet;
     pub mod image;
     pub mod scan;
+    pub mod security;
     pub mod util;
     pub mod vm;
 }

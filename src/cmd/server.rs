@@ -28,6 +28,14 @@ pub struct ServerArgs {
     /// Also write the bound URL to this file once listening (for scripts).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Key that seals escrowed user-disk keys; keep it off the data volume (default:
+    /// `<data>.escrow.key`, beside the data directory, created on first start).
+    #[arg(long, env = "TANDEM_ESCROW_KEY_FILE")]
+    escrow_key_file: Option<PathBuf>,
+    /// Write the first admin credential to this new file (mode 0600) instead of stdout,
+    /// so it never lands in a service journal.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -67,6 +75,7 @@ async fn open(args: &ServerArgs) -> anyhow::Result<tandem_server::Server> {
     tandem_server::Server::open(tandem_server::ServerConfig {
         data_dir: args.data.clone(),
         database,
+        escrow_key_file: args.escrow_key_file.clone(),
     })
     .await
     .with_context(|| format!("opening the server with data in {}", args.data.display()))
@@ -95,11 +104,24 @@ async fn serve(args: ServerArgs) -> anyhow::Result<u8> {
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
     if let Some(token) = &server.first_admin_token {
-        eprintln!(
-            "tandem: first start: created the admin credential below. It is shown only once; \
-             store it safely (pass it as --token or TANDEM_ADMIN_TOKEN to `tandem admin`)."
-        );
-        println!("admin token: {}", token.0);
+        match &args.admin_token_file {
+            Some(path) => {
+                write_secret_file(path, &token.0)?;
+                eprintln!(
+                    "tandem: first start: the admin credential was written to {} (mode 0600); \
+                     move it somewhere safe",
+                    path.display()
+                );
+            }
+            None => {
+                eprintln!(
+                    "tandem: first start: created the admin credential below. It is shown only once; \
+                     store it safely (pass it as --token or TANDEM_ADMIN_TOKEN to `tandem admin`). \
+                     Use --admin-token-file to keep it out of logs."
+                );
+                println!("admin token: {}", token.0);
+            }
+        }
     }
     println!("listening on {url}");
     if let Some(f) = &args.ready_file {
@@ -110,6 +132,27 @@ async fn serve(args: ServerArgs) -> anyhow::Result<u8> {
     tandem_server::serve(server, listener, shutdown_signal()).await?;
     eprintln!("tandem: server stopped");
     Ok(crate::exit::SUCCESS)
+}
+
+/// Creates `path` (never overwriting) with mode 0600 and writes `secret` to it.
+fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "creating admin token file {} (it must not exist yet)",
+                path.display()
+            )
+        })?;
+    f.write_all(format!("{secret}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

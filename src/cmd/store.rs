@@ -139,12 +139,19 @@ pub fn run(args: StoreArgs, global: &Global) -> anyhow::Result<u8> {
         }
         StoreCommand::Gc(a) => {
             let o = open(&a.place)?;
+            // Lock first, then mark: a manifest or backup committed while the live set is
+            // computed would otherwise lose chunks it just referenced.
+            let lock = o.store.gc_lock().context(
+                "the store is being written (a publish, pull or backup is running); run gc again when it is done",
+            )?;
             let mut live = o.catalog.live_chunks(&o.trusted)?;
             if let Some(data) = &a.place.data {
-                // Users' backups share the server's store: their chunks are live too.
+                // Backups from before per-user stores name chunks of the shared store.
                 live.extend(tandem_server::backups::BackupService::live_chunks(data)?);
             }
-            let r = o.store.gc(&live, Duration::from_secs(a.grace_secs))?;
+            let r = o
+                .store
+                .gc_locked(&lock, &live, Duration::from_secs(a.grace_secs))?;
             if a.place.json {
                 print_json(&r)?;
             } else {

@@ -10,12 +10,19 @@
 //! place only when complete.
 //!
 //! What travels is the encrypted qcow2 file (LUKS inside): the server stores ciphertext.
+//!
+//! Chunks go to the user's own namespace on the server (`/v1/backups/chunks/…`): the dedup
+//! query answers only about this user's earlier uploads. The manifest's chunk list travels
+//! in parts of [`PART_CHUNKS`] entries (staged, then committed by name), and is read back
+//! the same way, so no request grows with the disk.
 
 use std::collections::HashSet;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
-use tandem_proto::backup::{BackupInfo, BackupRecord, BackupUpload, Escrow};
+use tandem_proto::backup::{
+    BackupHead, BackupInfo, BackupUpload, Escrow, ManifestPart, StagedManifest, PART_CHUNKS,
+};
 use tandem_proto::manifest::{
     ChunkList, Manifest, DEFAULT_CHUNK_SIZE, MANIFEST_FORMAT, MAX_CHUNKS_PER_REQUEST,
 };
@@ -153,7 +160,7 @@ pub async fn upload(
             &http,
             &id,
             reqwest::Method::POST,
-            "/v1/chunks/missing",
+            "/v1/backups/chunks/missing",
             Some(&ask),
         )
         .await?;
@@ -181,7 +188,7 @@ pub async fn upload(
             &http,
             &id,
             reqwest::Method::PUT,
-            &format!("/v1/chunks/{cid}"),
+            &format!("/v1/backups/chunks/{cid}"),
             data,
         )
         .await?;
@@ -189,7 +196,7 @@ pub async fn upload(
     }
     let disk_bytes = manifest.size;
     let data_chunks = distinct.len() as u64;
-    let up = BackupUpload { manifest, taken_at };
+    let up = stage_manifest(&http, &id, manifest, taken_at).await?;
     let backup: BackupInfo =
         client::signed(&http, &id, reqwest::Method::POST, "/v1/backups", Some(&up)).await?;
     tracing::info!(
@@ -207,6 +214,83 @@ pub async fn upload(
     })
 }
 
+/// Sends the chunk list of `manifest` in parts; returns the commit that names them.
+async fn stage_manifest(
+    http: &reqwest::Client,
+    id: &Identity,
+    mut manifest: Manifest,
+    taken_at: u64,
+) -> Result<BackupUpload, BackupError> {
+    let upload = hex::encode(rand::random::<[u8; 16]>());
+    let chunks = std::mem::take(&mut manifest.chunks);
+    let mut parts = 0u32;
+    for (i, part) in chunks.chunks(PART_CHUNKS).enumerate() {
+        let body = serde_json::to_vec(&ManifestPart {
+            chunks: part.to_vec(),
+        })
+        .expect("manifest part serializes");
+        client::signed_bytes(
+            http,
+            id,
+            reqwest::Method::PUT,
+            &format!("/v1/backups/staged/{upload}/{i}"),
+            body,
+        )
+        .await?;
+        parts += 1;
+    }
+    Ok(BackupUpload {
+        manifest,
+        taken_at,
+        staged: Some(StagedManifest { upload, parts }),
+    })
+}
+
+/// Reads the latest backup's head and chunk list (in parts). `Ok(None)`: no backup yet.
+async fn latest_manifest(
+    http: &reqwest::Client,
+    id: &Identity,
+) -> Result<Option<(u64, Manifest)>, BackupError> {
+    let head: BackupHead = match client::signed::<(), _>(
+        http,
+        id,
+        reqwest::Method::GET,
+        "/v1/backups/latest/head",
+        None,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(ClientError::Refused { status: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut chunks = Vec::with_capacity(usize::try_from(head.chunks).unwrap_or(0));
+    for i in 0..head.parts {
+        let part: ManifestPart = client::signed::<(), _>(
+            http,
+            id,
+            reqwest::Method::GET,
+            &format!("/v1/backups/{}/parts/{i}", head.seq),
+            None,
+        )
+        .await?;
+        chunks.extend(part.chunks);
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        name: "backup".into(),
+        version: head.seq,
+        size: head.size,
+        chunk_size: head.chunk_size,
+        chunks,
+    };
+    manifest.validate().map_err(|e| BackupError::Io {
+        path: PathBuf::from("/v1/backups/latest"),
+        source: std::io::Error::other(format!("the server's backup manifest is inconsistent: {e}")),
+    })?;
+    Ok(Some((head.seq, manifest)))
+}
+
 /// Restores the user's latest backup into `dest` (atomically). `Ok(None)`: no backup yet.
 pub async fn restore_latest(
     dir: &AgentDir,
@@ -214,51 +298,63 @@ pub async fn restore_latest(
 ) -> Result<Option<RestoreReport>, BackupError> {
     let id = Identity::load(dir)?;
     let http = client::http()?;
-    let record: BackupRecord =
-        match client::signed::<(), _>(&http, &id, reqwest::Method::GET, "/v1/backups/latest", None)
-            .await
-        {
-            Ok(r) => r,
-            Err(ClientError::Refused { status: 404, .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+    let Some((seq, manifest)) = latest_manifest(&http, &id).await? else {
+        return Ok(None);
+    };
     let tmp = dest.with_extension("restore.tmp");
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.set_len(record.manifest.size).map_err(io(&tmp))?;
-    let cs = u64::from(record.manifest.chunk_size);
-    let mut fetched: std::collections::HashMap<ChunkId, Vec<u8>> = std::collections::HashMap::new();
+    let mut f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.set_len(manifest.size).map_err(io(&tmp))?;
+    let cs = u64::from(manifest.chunk_size);
+    // Where each chunk was first written: a repeat is copied from there, so memory holds
+    // one chunk at a time whatever the disk size.
+    let mut written: std::collections::HashMap<ChunkId, u64> = std::collections::HashMap::new();
     let mut chunks = 0u64;
-    for (i, c) in record.manifest.chunks.iter().enumerate() {
+    for (i, c) in manifest.chunks.iter().enumerate() {
         let Some(cid) = c else { continue };
-        if !fetched.contains_key(cid) {
-            let data = client::signed_bytes(
-                &http,
-                &id,
-                reqwest::Method::GET,
-                &format!("/v1/backups/{}/chunks/{cid}", record.seq),
-                Vec::new(),
-            )
-            .await?;
-            if ChunkId::of(&data) != *cid {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(BackupError::BadChunk(*cid));
+        let offset = i as u64 * cs;
+        let data = match written.get(cid) {
+            Some(first) => {
+                let mut data = vec![0u8; manifest.chunk_len(i as u64) as usize];
+                f.seek(SeekFrom::Start(*first)).map_err(io(&tmp))?;
+                f.read_exact(&mut data).map_err(io(&tmp))?;
+                data
             }
-            chunks += 1;
-            fetched.insert(*cid, data);
-        }
-        let data = &fetched[cid];
-        f.seek(SeekFrom::Start(i as u64 * cs)).map_err(io(&tmp))?;
-        f.write_all(data).map_err(io(&tmp))?;
+            None => {
+                let data = client::signed_bytes(
+                    &http,
+                    &id,
+                    reqwest::Method::GET,
+                    &format!("/v1/backups/{seq}/chunks/{cid}"),
+                    Vec::new(),
+                )
+                .await?;
+                if ChunkId::of(&data) != *cid {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(BackupError::BadChunk(*cid));
+                }
+                chunks += 1;
+                written.insert(*cid, offset);
+                data
+            }
+        };
+        f.seek(SeekFrom::Start(offset)).map_err(io(&tmp))?;
+        f.write_all(&data).map_err(io(&tmp))?;
     }
     f.sync_all().map_err(io(&tmp))?;
     drop(f);
     std::fs::rename(&tmp, dest).map_err(io(dest))?;
     Ok(Some(RestoreReport {
-        seq: record.seq,
-        disk_bytes: record.manifest.size,
+        seq,
+        disk_bytes: manifest.size,
         chunks,
     }))
 }

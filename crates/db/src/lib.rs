@@ -225,6 +225,12 @@ pub trait Db: Send + Sync + fmt::Debug {
     /// The admin name for a credential hash.
     fn admin_by_hash(&self, hash: &str) -> DbFuture<'_, Option<String>>;
 
+    /// Revokes the admin credential `name`: [`DbError::NotFound`] when there is none,
+    /// [`DbError::Conflict`] when it is the last one (the server would have no admin left).
+    fn revoke_admin(&self, name: &str) -> DbFuture<'_, ()>;
+    /// Ends every unused, unexpired enrollment token of `user` at `now`; returns how many.
+    fn revoke_enroll_tokens(&self, user: &str, now: u64) -> DbFuture<'_, u64>;
+
     /// Creates a user; [`DbError::Conflict`] when the name is taken.
     fn create_user(&self, name: &str, policy: &str, now: u64) -> DbFuture<'_, ()>;
     /// One user.
@@ -260,15 +266,19 @@ pub trait Db: Send + Sync + fmt::Debug {
     /// Every device, by enrollment time.
     fn devices(&self) -> DbFuture<'_, Vec<DeviceRow>>;
     /// Records a check-in, the lease issued with it (if any) and its audit entries, in one
-    /// transaction (one commit per check-in: the fleet's hottest write).
+    /// transaction (one commit per check-in: the fleet's hottest write) — only while the
+    /// device's status is still `expected`. `Ok(false)`: the status changed since the
+    /// caller read it (say, a kill was ordered); nothing was written and the caller must
+    /// decide again from the new status, so a lease is never issued past a kill order.
     fn record_checkin(
         &self,
         id: DeviceId,
+        expected: DeviceStatus,
         now: u64,
         report_json: &str,
         lease_not_after: Option<u64>,
         audit: Vec<NewAudit>,
-    ) -> DbFuture<'_, ()>;
+    ) -> DbFuture<'_, bool>;
     /// Marks an active device kill-pending; [`DbError::Conflict`] when it is not active.
     fn order_kill(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> DbFuture<'_, ()>;
     /// Marks a kill-pending device killed with its signed acknowledgement.
@@ -458,6 +468,52 @@ macro_rules! impl_db {
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(q("find admin"))
+                })
+            }
+
+            fn revoke_admin(&self, name: &str) -> DbFuture<'_, ()> {
+                let name = name.to_string();
+                Box::pin(async move {
+                    let mut tx = self.pool.begin().await.map_err(q("begin revoke admin"))?;
+                    let n = sqlx::query_scalar::<$db, i64>("SELECT COUNT(*) FROM admins")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(q("count admins"))?;
+                    let done = sqlx::query::<$db>("DELETE FROM admins WHERE name = $1")
+                        .bind(&name)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q("revoke admin"))?;
+                    if done.rows_affected() == 0 {
+                        return Err(DbError::NotFound {
+                            what: format!("admin credential {name}"),
+                        });
+                    }
+                    if n <= 1 {
+                        return Err(DbError::Conflict {
+                            what: format!(
+                                "revocation of {name}, the last admin credential (create another first); a server with no admin"
+                            ),
+                        });
+                    }
+                    tx.commit().await.map_err(q("commit revoke admin"))?;
+                    Ok(())
+                })
+            }
+
+            fn revoke_enroll_tokens(&self, user: &str, now: u64) -> DbFuture<'_, u64> {
+                let user = user.to_string();
+                Box::pin(async move {
+                    let done = sqlx::query::<$db>(
+                        "UPDATE enroll_tokens SET expires_at = $2 \
+                         WHERE user_name = $1 AND used_at IS NULL AND expires_at > $2",
+                    )
+                    .bind(&user)
+                    .bind(ts(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q("revoke enrollment tokens"))?;
+                    Ok(done.rows_affected())
                 })
             }
 
@@ -688,30 +744,39 @@ macro_rules! impl_db {
             fn record_checkin(
                 &self,
                 id: DeviceId,
+                expected: DeviceStatus,
                 now: u64,
                 report_json: &str,
                 lease_not_after: Option<u64>,
                 audit: Vec<NewAudit>,
-            ) -> DbFuture<'_, ()> {
+            ) -> DbFuture<'_, bool> {
                 let report = report_json.to_string();
                 Box::pin(async move {
                     let mut tx = self.pool.begin().await.map_err(q("begin check-in"))?;
-                    sqlx::query::<$db>(
+                    // The status test and the lease write are one statement: a kill ordered
+                    // after the caller read the status makes this update match nothing.
+                    let done = sqlx::query::<$db>(
                         "UPDATE devices SET last_checkin = $2, last_report = $3, \
-                         lease_not_after = COALESCE($4, lease_not_after) WHERE id = $1",
+                         lease_not_after = COALESCE($4, lease_not_after) \
+                         WHERE id = $1 AND status = $5",
                     )
                     .bind(id.to_string())
                     .bind(ts(now))
                     .bind(&report)
                     .bind(lease_not_after.map(ts))
+                    .bind(expected.as_str())
                     .execute(&mut *tx)
                     .await
                     .map_err(q("record check-in"))?;
+                    if done.rows_affected() == 0 {
+                        tx.rollback().await.map_err(q("roll back check-in"))?;
+                        return Ok(false);
+                    }
                     for e in audit {
                         insert_audit!($db, &mut *tx, e);
                     }
                     tx.commit().await.map_err(q("commit check-in"))?;
-                    Ok(())
+                    Ok(true)
                 })
             }
 

@@ -9,7 +9,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifest::Manifest;
 
+/// Chunk entries per manifest part. A part is about 1.1 MB of JSON, so every request of a
+/// backup stays far below the server's per-request body limits whatever the disk size.
+pub const PART_CHUNKS: usize = 16_384;
+
 /// `POST /v1/backups`: a finished upload, committed if every chunk is present.
+///
+/// A small manifest may travel whole in `manifest.chunks`. A large one is first staged in
+/// parts of at most [`PART_CHUNKS`] entries (`PUT /v1/backups/staged/{upload}/{index}`,
+/// body [`ManifestPart`]); the commit then names the staged upload and carries an empty
+/// chunk list.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupUpload {
@@ -17,6 +26,51 @@ pub struct BackupUpload {
     pub manifest: Manifest,
     /// When the point-in-time copy was taken (device clock, unix seconds).
     pub taken_at: u64,
+    /// The staged parts holding the chunk list, when it was sent in parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedManifest>,
+}
+
+/// Which staged upload holds a manifest's chunk list, and in how many parts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StagedManifest {
+    /// Upload id chosen by the device: 32 lower-case hex characters.
+    pub upload: String,
+    /// Number of parts, indexed from 0.
+    pub parts: u32,
+}
+
+/// One part of a manifest's chunk list (`None` is a hole), staged or read back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestPart {
+    /// At most [`PART_CHUNKS`] entries.
+    pub chunks: Vec<Option<crate::ChunkId>>,
+}
+
+/// `GET /v1/backups/latest/head`: the latest backup without its chunk list, which is read
+/// with `GET /v1/backups/{seq}/parts/{index}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupHead {
+    /// Sequence number.
+    pub seq: u64,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Chunk size of the manifest.
+    pub chunk_size: u32,
+    /// Number of chunk entries (holes included).
+    pub chunks: u64,
+    /// Number of parts of [`PART_CHUNKS`] entries.
+    pub parts: u32,
+}
+
+/// Whether `s` is a well-formed staged-upload id.
+pub fn valid_upload_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// One committed backup.

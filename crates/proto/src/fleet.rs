@@ -412,6 +412,26 @@ pub struct CreateToken {
     pub ttl_secs: Option<u64>,
 }
 
+/// `POST /v1/admin/tokens/revoke`: ends every unused enrollment token of a user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeTokens {
+    /// Whose tokens.
+    pub user: String,
+    /// Why (audit log).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Answer to [`RevokeTokens`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokensRevoked {
+    /// Whose tokens.
+    pub user: String,
+    /// How many unused tokens were ended.
+    pub revoked: u64,
+}
+
 /// Answer to [`CreateToken`]: the only time the token is shown.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenCreated {

@@ -140,6 +140,52 @@ pub async fn create_token(
     }))
 }
 
+/// `POST /v1/admin/tokens/revoke`: ends every unused enrollment token of a user (a token
+/// sent to the wrong person, a laptop that will not be enrolled after all).
+pub async fn revoke_tokens(
+    State(st): State<AppState>,
+    Admin(admin): Admin,
+    body: Bytes,
+) -> Result<Json<tandem_proto::fleet::TokensRevoked>, ApiError> {
+    let req: tandem_proto::fleet::RevokeTokens = parse_json(&body, MAX_ADMIN_BODY)?;
+    let revoked = st.db.revoke_enroll_tokens(&req.user, now()).await?;
+    audit(
+        &st,
+        &format!("admin:{admin}"),
+        "token.revoked",
+        None,
+        req.reason.clone(),
+        serde_json::json!({"user": req.user, "revoked": revoked}),
+    )
+    .await;
+    Ok(Json(tandem_proto::fleet::TokensRevoked {
+        user: req.user,
+        revoked,
+    }))
+}
+
+/// `DELETE /v1/admin/admins/{name}`: revokes an admin credential at once (the next request
+/// with it is refused). The last credential cannot be revoked.
+pub async fn revoke_admin(
+    State(st): State<AppState>,
+    Admin(admin): Admin,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_name("admin", &name)?;
+    st.db.revoke_admin(&name).await?;
+    tracing::warn!(admin = name, by = admin, "admin credential revoked");
+    audit(
+        &st,
+        &format!("admin:{admin}"),
+        "admin.revoked",
+        None,
+        None,
+        serde_json::json!({"admin": name}),
+    )
+    .await;
+    Ok(Json(serde_json::json!({ "revoked": name })))
+}
+
 /// `GET /v1/admin/devices`.
 pub async fn list_devices(
     State(st): State<AppState>,

@@ -9,7 +9,22 @@
 //!
 //! The nonce cache is per process: with several replicas behind a load balancer a replay
 //! could land on another replica within the skew window. Each replay can only repeat the
-//! exact same signed request (same method, path and body), never forge a new one.
+//! exact same signed request (same method, path and body), never forge a new one. After a
+//! restart the cache is empty, so requests signed before the process started are refused
+//! (`stale_request`): a replay of a captured request cannot outlive the process that saw it.
+//!
+//! # Device rights
+//!
+//! What a device may call follows its state, decided in one place: [`capability`] names the
+//! right each route needs, [`device_may`] says which rights each state has. Routes not in
+//! the table need [`Capability::UserData`], so a new route is closed to kill-pending
+//! devices until someone decides otherwise.
+//!
+//! | state        | check-in | kill-ack | own record | user data (images, backups, escrow, rules) | publishing (`/v1/chunks/missing`, `PUT /v1/chunks/…`) |
+//! |--------------|----------|----------|------------|----------------------------------------------|------|
+//! | active       | yes      | yes      | yes        | yes                                          | no (admins only) |
+//! | kill-pending | yes      | yes      | yes        | no: 403 `kill_pending`, audited              | no |
+//! | killed       | no       | no       | no         | no: 403 `device_killed`, audited             | no |
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +46,51 @@ pub const MAX_DEVICE_BODY: usize = 8 * 1024 * 1024;
 
 /// Paths that need no authentication.
 const PUBLIC: &[&str] = &["/v1/enroll", "/v1/health", "/v1/keys"];
+
+/// The right a route needs from a device caller (admins hold every right).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// `POST /v1/checkin`: how a kill order reaches the device.
+    CheckIn,
+    /// `POST /v1/kill-ack`: how a device reports the kill done.
+    KillAck,
+    /// `GET /v1/devices/{id}`: its own record (the handler refuses other ids).
+    OwnRecord,
+    /// Anything that reads or writes the user's data: images, chunks, backups, escrow,
+    /// rules. The default for every route not named here.
+    UserData,
+    /// Shared chunk-store writes and dedup queries, used by image publishing: never a
+    /// device (it would learn which chunks other users hold, or fill the shared store).
+    Publish,
+}
+
+/// The right `method path` needs. The single table of device rights.
+pub fn capability(method: &axum::http::Method, path: &str) -> Capability {
+    use axum::http::Method;
+    match path {
+        "/v1/checkin" => Capability::CheckIn,
+        "/v1/kill-ack" => Capability::KillAck,
+        "/v1/chunks/missing" => Capability::Publish,
+        p if p.starts_with("/v1/chunks/") && p != "/v1/chunks/fetch" && p != "/v1/chunks/stat" => {
+            Capability::Publish
+        }
+        p if p.starts_with("/v1/devices/") && *method == Method::GET => Capability::OwnRecord,
+        _ => Capability::UserData,
+    }
+}
+
+/// Whether a device in `status` holds `cap`.
+pub fn device_may(status: DeviceStatus, cap: Capability) -> bool {
+    match (status, cap) {
+        (DeviceStatus::Killed, _) | (_, Capability::Publish) => false,
+        (DeviceStatus::Active, _) => true,
+        (
+            DeviceStatus::KillPending,
+            Capability::CheckIn | Capability::KillAck | Capability::OwnRecord,
+        ) => true,
+        (DeviceStatus::KillPending, Capability::UserData) => false,
+    }
+}
 
 /// The authenticated caller of a request. Image routes and fleet handlers decide what it
 /// may read from this alone.
@@ -113,9 +173,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Device {
 /// Remembers recent nonces per device so a captured request cannot be replayed. Only
 /// requests whose signature verified reach it, so only enrolled devices can fill it;
 /// entries older than twice the skew window are dropped at most once a minute.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NonceCache {
     inner: Mutex<Nonces>,
+    /// When this process started (unix seconds): requests signed earlier are refused.
+    started_at: u64,
+}
+
+impl Default for NonceCache {
+    fn default() -> Self {
+        NonceCache::started_at(now())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +193,14 @@ struct Nonces {
 }
 
 impl NonceCache {
+    /// An empty cache for a process that started at `started_at`.
+    pub fn started_at(started_at: u64) -> Self {
+        NonceCache {
+            inner: Mutex::new(Nonces::default()),
+            started_at,
+        }
+    }
+
     /// Records a nonce; false when it was seen within the window.
     fn insert(&self, device: DeviceId, nonce: &str, time: u64, now: u64) -> bool {
         let mut n = self.inner.lock().expect("nonce cache lock poisoned");
@@ -135,6 +211,96 @@ impl NonceCache {
         }
         n.seen.insert((device, nonce.to_string()), time).is_none()
     }
+}
+
+/// Entries one (action, source) may write to the audit log per [`AUDIT_WINDOW_SECS`].
+pub const AUDIT_BURST: u64 = 10;
+/// The rate window of [`AuditLimiter`].
+pub const AUDIT_WINDOW_SECS: u64 = 60;
+/// Distinct (action, source) pairs tracked at once; past it, new sources share one key.
+const AUDIT_KEYS: usize = 10_000;
+
+/// Keeps unauthenticated or failing callers from flooding the audit log: per (action,
+/// source) at most [`AUDIT_BURST`] entries per window; the rest are counted, and the first
+/// entry of the next window carries `suppressed_before` (how many were dropped), so the
+/// log still shows that the flood happened and how large it was.
+#[derive(Debug, Default)]
+pub struct AuditLimiter {
+    windows: Mutex<HashMap<(String, String), AuditWindow>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AuditWindow {
+    start: u64,
+    written: u64,
+    suppressed: u64,
+}
+
+impl AuditLimiter {
+    /// `Some(suppressed earlier)` when an entry for `action` from `source` may be written
+    /// now; `None` when it is only counted.
+    pub fn admit(&self, action: &str, source: &str, now: u64) -> Option<u64> {
+        let mut w = self.windows.lock().expect("audit limiter lock poisoned");
+        if w.len() >= AUDIT_KEYS {
+            w.retain(|_, v| now < v.start + AUDIT_WINDOW_SECS || v.suppressed > 0);
+        }
+        let key = (action.to_string(), source.to_string());
+        let source = if w.len() >= AUDIT_KEYS && !w.contains_key(&key) {
+            "(many sources)"
+        } else {
+            source
+        };
+        let e = w
+            .entry((action.to_string(), source.to_string()))
+            .or_insert(AuditWindow {
+                start: now,
+                written: 0,
+                suppressed: 0,
+            });
+        let mut carried = 0;
+        if now >= e.start + AUDIT_WINDOW_SECS {
+            carried = e.suppressed;
+            *e = AuditWindow {
+                start: now,
+                written: 0,
+                suppressed: 0,
+            };
+        }
+        if e.written < AUDIT_BURST {
+            e.written += 1;
+            Some(carried)
+        } else {
+            e.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Appends an audit entry for an event a caller can provoke at will (failed signatures,
+/// refused enrollments, refused requests), through the rate limit.
+pub async fn audit_limited(
+    state: &AppState,
+    source: &str,
+    actor: &str,
+    action: &str,
+    device: Option<DeviceId>,
+    mut detail: serde_json::Value,
+) {
+    let Some(suppressed) = state.audit_limiter.admit(action, source, now()) else {
+        return;
+    };
+    if suppressed > 0 {
+        detail["suppressed_before"] = suppressed.into();
+    }
+    crate::audit(state, actor, action, device, None, detail).await;
+}
+
+/// The network source of a request, when the server records it.
+pub fn peer(req: &Request) -> String {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
@@ -175,6 +341,10 @@ pub async fn authenticate(
     }
     if header(&req, auth::HEADER_DEVICE).is_some() {
         let (req, device) = verify_device(&state, req).await?;
+        let cap = capability(req.method(), req.uri().path());
+        if !device_may(device.status, cap) {
+            return Err(refuse_device(&state, &device, cap, req.uri().path()).await);
+        }
         let path = req.uri().path();
         if path.starts_with("/v1/images") || path.starts_with("/v1/chunks") {
             let user = state.db.user(&device.user).await?;
@@ -185,6 +355,13 @@ pub async fn authenticate(
                     personal: user.as_ref().and_then(|u| u.personal.clone()),
                 },
             );
+            let held = device
+                .last_report
+                .as_deref()
+                .and_then(|r| serde_json::from_str::<tandem_proto::fleet::CheckinRequest>(r).ok())
+                .map(|r| r.images)
+                .unwrap_or_default();
+            state.access.set_held(device.id, held);
         }
         let mut req = req;
         req.extensions_mut()
@@ -225,6 +402,15 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
         .ok_or_else(|| missing(auth::HEADER_SIGNATURE))?
         .to_string();
     let now = now();
+    if time < state.nonces.started_at {
+        return Err(unauthorized(
+            "stale_request",
+            format!(
+                "request time {time} is before the server started ({}); sign the request again",
+                state.nonces.started_at
+            ),
+        ));
+    }
     if time.abs_diff(now) > auth::MAX_SKEW_SECS {
         return Err(unauthorized(
             "stale_request",
@@ -240,6 +426,7 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
             "unknown device; enroll it again",
         ));
     };
+    let source = peer(&req);
     let method = req.method().as_str().to_string();
     let path = req
         .uri()
@@ -260,47 +447,71 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
     };
     if sig.verify(&row.public_key, &method, &path, &bytes).is_err() {
         tracing::warn!(device = %device, path, "device signature refused");
-        auth_failed(state, device, "bad_signature", &path).await;
+        auth_failed(state, device, &source, "bad_signature", &path).await;
         return Err(unauthorized(
             "bad_signature",
             "signature does not verify with this device's key",
         ));
     }
     if !state.nonces.insert(device, &nonce, time, now) {
-        auth_failed(state, device, "replayed", &path).await;
+        auth_failed(state, device, &source, "replayed", &path).await;
         return Err(unauthorized(
             "replayed",
             "this request was already received (replayed nonce)",
         ));
     }
-    if row.status == DeviceStatus::Killed {
-        crate::audit(
-            state,
-            &format!("device:{device}"),
-            "device.refused",
-            Some(device),
-            None,
-            serde_json::json!({"why": "killed", "path": path}),
-        )
-        .await;
-        return Err(ApiError::Forbidden {
-            code: "device_killed",
-            message: "this device was killed by an administrator; it is refused for good".into(),
-        });
-    }
     Ok((Request::from_parts(parts, Body::from(bytes)), row))
+}
+
+/// Audits and builds the refusal of a device that lacks `cap` in its current state.
+async fn refuse_device(
+    state: &AppState,
+    device: &DeviceRow,
+    cap: Capability,
+    path: &str,
+) -> ApiError {
+    let (code, why, message) = match (device.status, cap) {
+        (DeviceStatus::Killed, _) => (
+            "device_killed",
+            "killed",
+            "this device was killed by an administrator; it is refused for good".to_string(),
+        ),
+        (_, Capability::Publish) => (
+            "admin_only",
+            "publish-route",
+            "devices do not write or query the shared chunk store; backups use /v1/backups/chunks"
+                .to_string(),
+        ),
+        _ => (
+            "kill_pending",
+            "kill-pending",
+            "an administrator ordered this device killed: it may only check in, acknowledge the kill and read its own record"
+                .to_string(),
+        ),
+    };
+    tracing::warn!(device = %device.id, path, why, "device request refused");
+    audit_limited(
+        state,
+        &device.id.to_string(),
+        &format!("device:{}", device.id),
+        "device.refused",
+        Some(device.id),
+        serde_json::json!({"why": why, "path": path}),
+    )
+    .await;
+    ApiError::Forbidden { code, message }
 }
 
 /// Records a failed authentication of a known device: someone holds its id but not (or
 /// no longer a fresh use of) its key.
-async fn auth_failed(state: &AppState, device: DeviceId, code: &str, path: &str) {
-    crate::audit(
+async fn auth_failed(state: &AppState, device: DeviceId, source: &str, code: &str, path: &str) {
+    audit_limited(
         state,
+        &format!("{device}@{source}"),
         "server",
         "device.auth-failed",
         Some(device),
-        None,
-        serde_json::json!({"code": code, "path": path}),
+        serde_json::json!({"code": code, "path": path, "source": source}),
     )
     .await;
 }
@@ -318,6 +529,259 @@ pub fn new_secret(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
+    use std::sync::Arc;
+    use tandem_proto::SigningKey;
+    use tower::ServiceExt as _;
+
+    /// A server with every route (fleet, images, backups) on a fresh data directory.
+    async fn server(dir: &std::path::Path) -> (AppState, axum::Router) {
+        let server = crate::Server::open(crate::ServerConfig {
+            data_dir: dir.join("srv"),
+            database: None,
+            escrow_key_file: Some(dir.join("escrow.key")),
+        })
+        .await
+        .expect("open server");
+        let access: Arc<dyn crate::images::ImageAccess> = server.state.access.clone();
+        let images =
+            crate::images::ImageService::open(&server.state.data_dir, access).expect("images");
+        let backups = crate::backups::routes(crate::backups::BackupState {
+            svc: crate::backups::BackupService::new(
+                &server.state.data_dir,
+                images.store().clone(),
+                server.escrow.clone(),
+            ),
+            app: server.state.clone(),
+        });
+        let app = crate::router_with(
+            server.state.clone(),
+            crate::images::routes(images).merge(backups),
+        );
+        (server.state, app)
+    }
+
+    async fn enroll(state: &AppState, user: &str) -> (DeviceId, SigningKey) {
+        let now = now();
+        state
+            .db
+            .create_user(user, "default", now)
+            .await
+            .expect("user");
+        let token = new_secret("tdm-enroll-");
+        state
+            .db
+            .add_enroll_token(&hash_secret(&token), user, now, now + 3600)
+            .await
+            .expect("token");
+        let key = SigningKey::generate();
+        let row = DeviceRow::enrolling(DeviceId::generate(), key.public(), "laptop", now);
+        state
+            .db
+            .enroll(&hash_secret(&token), &row, now)
+            .await
+            .expect("enroll");
+        (row.id, key)
+    }
+
+    /// Sends `method path` signed as `id`; returns the status and the error code, if any.
+    async fn call(
+        app: &axum::Router,
+        id: DeviceId,
+        key: &SigningKey,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (StatusCode, serde_json::Value) {
+        let s = RequestSignature::sign(key, &id.to_string(), method, path, now(), body);
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(auth::HEADER_DEVICE, s.device)
+            .header(auth::HEADER_TIME, s.time.to_string())
+            .header(auth::HEADER_NONCE, s.nonce)
+            .header(auth::HEADER_SIGNATURE, s.signature)
+            .body(Body::from(body.to_vec()))
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+            .await
+            .expect("body");
+        let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, v)
+    }
+
+    fn checkin_body() -> Vec<u8> {
+        serde_json::to_vec(&tandem_proto::fleet::CheckinRequest {
+            agent_version: "test".into(),
+            clock: now(),
+            ..Default::default()
+        })
+        .expect("json")
+    }
+
+    /// Issue 12, must-fix 1: while a kill is pending the device may check in (to receive
+    /// the kill order), acknowledge it and read its own record — nothing else. Every
+    /// refusal is a 403 with its own code and an audit entry. Once killed: nothing.
+    #[tokio::test]
+    async fn device_rights_follow_its_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, app) = server(dir.path()).await;
+        let (id, key) = enroll(&state, "alice").await;
+        let escrow = serde_json::to_vec(&serde_json::json!({
+            "key": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc="
+        }))
+        .expect("json");
+        let chunk = vec![9u8; 4096];
+        let chunk_id = tandem_proto::ChunkId::of(&chunk);
+        let chunk_path = format!("/v1/backups/chunks/{chunk_id}");
+        let shared_chunk_path = format!("/v1/chunks/{chunk_id}");
+        let own = format!("/v1/devices/{id}");
+        let user_data: Vec<(&str, &str, Vec<u8>)> = vec![
+            ("GET", "/v1/escrow", vec![]),
+            ("PUT", "/v1/escrow", escrow.clone()),
+            ("PUT", &chunk_path, chunk.clone()),
+            (
+                "POST",
+                "/v1/backups/chunks/missing",
+                br#"{"chunks":[]}"#.to_vec(),
+            ),
+            ("GET", "/v1/backups/latest/head", vec![]),
+            ("GET", "/v1/images", vec![]),
+            ("GET", "/v1/rules", vec![]),
+        ];
+        // Active: user data is open to it.
+        let (s, _) = call(&app, id, &key, "PUT", "/v1/escrow", &escrow).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let (s, _) = call(&app, id, &key, "GET", "/v1/escrow", &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _) = call(&app, id, &key, "PUT", &chunk_path, &chunk).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        // Never a device: the shared store's upload and dedup query (publishing).
+        for (m, p, b) in [
+            ("POST", "/v1/chunks/missing", br#"{"chunks":[]}"#.to_vec()),
+            ("PUT", shared_chunk_path.as_str(), chunk.clone()),
+        ] {
+            let (s, body) = call(&app, id, &key, m, p, &b).await;
+            assert_eq!(
+                (s, body["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("admin_only")),
+                "{m} {p}"
+            );
+        }
+
+        state
+            .db
+            .order_kill(id, "admin:admin", "stolen", now())
+            .await
+            .expect("kill");
+        for (m, p, b) in &user_data {
+            let (s, body) = call(&app, id, &key, m, p, b).await;
+            assert_eq!(
+                (s, body["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("kill_pending")),
+                "{m} {p} must be refused while a kill is pending: {body}"
+            );
+        }
+        let (s, body) = call(&app, id, &key, "POST", "/v1/checkin", &checkin_body()).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let resp: tandem_proto::fleet::CheckinResponse =
+            serde_json::from_value(body).expect("check-in response");
+        let target: tandem_proto::fleet::TargetState = resp
+            .target
+            .verify(
+                tandem_proto::fleet::KIND_TARGET_STATE,
+                &[state.keys.state.public()],
+            )
+            .expect("signed");
+        assert!(target.kill.is_some() && target.lease.is_none());
+        let (s, _) = call(&app, id, &key, "GET", &own, &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        let refused = state
+            .db
+            .audit(tandem_db::AuditFilter {
+                device: Some(id),
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_iter()
+            .filter(|e| e.action == "device.refused" && e.detail["why"] == "kill-pending")
+            .count();
+        assert_eq!(refused, user_data.len(), "every refusal is audited");
+
+        // Killed: nothing, not even check-in or its own record.
+        state
+            .db
+            .complete_kill(id, "{}", now())
+            .await
+            .expect("complete");
+        for (m, p, b) in [
+            ("POST", "/v1/checkin", checkin_body()),
+            ("GET", own.as_str(), vec![]),
+            ("GET", "/v1/escrow", vec![]),
+        ] {
+            let (s, body) = call(&app, id, &key, m, p, &b).await;
+            assert_eq!(
+                (s, body["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("device_killed")),
+                "{m} {p}"
+            );
+        }
+    }
+
+    /// Should-fix: a request signed before the server process started is refused, so a
+    /// captured request cannot be replayed after a restart empties the nonce cache.
+    #[tokio::test]
+    async fn requests_signed_before_the_server_started_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, app) = server(dir.path()).await;
+        let (id, key) = enroll(&state, "bob").await;
+        let body = checkin_body();
+        let s = RequestSignature::sign(
+            &key,
+            &id.to_string(),
+            "POST",
+            "/v1/checkin",
+            state.nonces.started_at - 1,
+            &body,
+        );
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/checkin")
+            .header(auth::HEADER_DEVICE, s.device)
+            .header(auth::HEADER_TIME, s.time.to_string())
+            .header(auth::HEADER_NONCE, s.nonce)
+            .header(auth::HEADER_SIGNATURE, s.signature)
+            .body(Body::from(body))
+            .expect("request");
+        let resp = app.oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    /// Should-fix: a flood of failures from one source writes a bounded number of audit
+    /// entries per window, and the next window says how many were dropped; another source
+    /// is not starved by it.
+    #[test]
+    fn audit_floods_are_limited_per_source_and_aggregated() {
+        let l = AuditLimiter::default();
+        let t = 1_000;
+        let written = (0..1000)
+            .filter(|_| l.admit("enroll.refused", "10.0.0.1", t).is_some())
+            .count() as u64;
+        assert_eq!(written, AUDIT_BURST);
+        assert_eq!(l.admit("enroll.refused", "10.0.0.2", t), Some(0));
+        assert_eq!(
+            l.admit("enroll.refused", "10.0.0.1", t + AUDIT_WINDOW_SECS),
+            Some(1000 - AUDIT_BURST),
+            "the next window reports what was suppressed"
+        );
+        assert_eq!(
+            l.admit("enroll.refused", "10.0.0.1", t + AUDIT_WINDOW_SECS),
+            Some(0)
+        );
+    }
 
     #[test]
     fn nonces_are_single_use_per_device_and_expire_after_the_window() {

@@ -5,26 +5,60 @@
 //! | path | what |
 //! |---|---|
 //! | `backups/<hex user>/<seq, 20 digits>.json` | one committed [`BackupRecord`] |
-//! | `escrow/<hex user>.key` | the user disk key (base64), 0600 |
+//! | `backups/<hex user>/store/` | the user's own chunk store: every chunk of their backups |
+//! | `backups/<hex user>/staging/<upload>/<index>.json` | manifest parts of a backup not yet committed |
+//! | `escrow/<hex user>.key` | the user disk key, sealed (see [`crate::keys::EscrowVault`]) |
 //!
-//! Chunks live in the shared chunk store (single-instance across users and images); a
-//! device reads back only chunks named by its own user's backups. A backup is committed
-//! — written atomically, numbered, and visible as "latest" — only after the server checked
-//! that every chunk it names is stored, so a device that loses power mid-upload leaves the
-//! previous backup as the latest. Retention keeps the newest [`KEEP_LAST`] backups plus the
-//! newest of each day for [`KEEP_DAYS`] days.
+//! # Per-user chunk namespace
+//!
+//! Each user's backup chunks live in a store of their own, which only that user's devices
+//! write (`PUT /v1/backups/chunks/{id}`, checked against the id) and query
+//! (`POST /v1/backups/chunks/missing`). A backup manifest may name only chunks in that
+//! store, so a device cannot "launder" a chunk it never had — another user's data or an
+//! image version not assigned to it — by naming its id in a backup and reading it back.
+//! The dedup query answers from the same store, so it says nothing about what other users
+//! or images hold. Why a namespace rather than per-user ownership rows over the shared
+//! store: backups are LUKS ciphertext under a key per user, so two users' chunks never
+//! match and cross-user dedup would save nothing; a namespace needs no bookkeeping that
+//! could drift from the store, and GC of one user's store cannot touch anyone else's data.
+//! Backups committed before the namespace existed name chunks of the shared store; their
+//! chunks are still served from there (only chunks those records name).
+//!
+//! # Commit and garbage collection
+//!
+//! A backup is committed — written atomically, numbered, and visible as "latest" — only
+//! after the server checked that every chunk it names is in the user's store, so a device
+//! that loses power mid-upload leaves the previous backup as the latest. The commit holds
+//! the store's ingest guard from that check until the record is written, and the user-store
+//! GC takes the exclusive lock *before* it reads the records (its mark): a chunk can never
+//! be swept between a commit's check and its record. Retention keeps the newest
+//! [`KEEP_LAST`] backups plus the newest of each day for [`KEEP_DAYS`] days; when it drops a
+//! record the user's store is collected, keeping chunks younger than [`UPLOAD_GRACE`] (a
+//! backup still uploading).
+//!
+//! # Large disks
+//!
+//! A manifest has one entry per 64 KiB of disk; a disk of [`MAX_DISK`] would be ~280 MB of
+//! JSON. No request carries that: the chunk list travels in parts of
+//! [`tandem_proto::backup::PART_CHUNKS`] entries, staged on disk, and is read back the same
+//! way; every backup route has an explicit body limit ([`MAX_PART_BODY`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use tandem_proto::backup::{BackupInfo, BackupRecord, BackupUpload, Escrow, ReplaceRequest};
+use tandem_proto::backup::{
+    valid_upload_id, BackupHead, BackupInfo, BackupRecord, BackupUpload, Escrow, ManifestPart,
+    ReplaceRequest, PART_CHUNKS,
+};
 use tandem_proto::fleet::{DeviceId, DeviceStatus};
+use tandem_proto::manifest::{ChunkList, MAX_CHUNKS_PER_REQUEST};
 use tandem_proto::ChunkId;
 use tandem_store::Store;
 
@@ -37,17 +71,25 @@ use crate::{audit, now, AppState};
 pub const KEEP_LAST: usize = 7;
 /// Days for which the newest backup of each day is kept.
 pub const KEEP_DAYS: u64 = 30;
-/// Largest manifest body accepted (a 1 TiB disk in 64 KiB chunks is ~1.1 GB of ids; we
-/// cap user disks far lower).
-const MAX_UPLOAD: usize = 32 << 20;
 /// Largest user disk accepted.
-const MAX_DISK: u64 = 256 << 30;
+pub const MAX_DISK: u64 = 256 << 30;
+/// Largest body of a manifest part, a whole small manifest, or a commit: a part of
+/// [`PART_CHUNKS`] data entries is ~1.1 MB of JSON.
+pub const MAX_PART_BODY: usize = 4 << 20;
+/// Chunks uploaded this recently survive a user-store collection even when no committed
+/// backup names them yet (another device of the user may be mid-backup).
+pub const UPLOAD_GRACE: Duration = Duration::from_secs(86_400);
+/// Staged parts older than this are dropped (an upload that never committed).
+const STAGING_TTL: u64 = 2 * 86_400;
+/// User stores kept open at once.
+const OPEN_STORES: usize = 64;
 
-/// Stores and serves backups; shares the chunk store with the image service.
+/// Stores and serves backups.
 pub struct BackupService {
-    store: Arc<Store>,
+    shared: Arc<Store>,
     root: PathBuf,
-    escrow: PathBuf,
+    escrow: crate::keys::EscrowVault,
+    stores: Mutex<HashMap<String, Arc<Store>>>,
     commit: Mutex<()>,
 }
 
@@ -59,13 +101,19 @@ fn user_dir_name(user: &str) -> String {
     hex::encode(user.as_bytes())
 }
 
+fn record_name(seq: u64) -> String {
+    format!("{seq:020}.json")
+}
+
 impl BackupService {
-    /// Opens the backup area of `data_dir`, sharing `store` with the image service.
-    pub fn new(data_dir: &Path, store: Arc<Store>) -> Arc<Self> {
+    /// Opens the backup area of `data_dir`; `shared` is the image store (read only for
+    /// backups committed before per-user stores), `escrow` seals escrowed keys.
+    pub fn new(data_dir: &Path, shared: Arc<Store>, escrow: crate::keys::EscrowVault) -> Arc<Self> {
         Arc::new(BackupService {
-            store,
+            shared,
             root: data_dir.join("backups"),
-            escrow: data_dir.join("escrow"),
+            escrow,
+            stores: Mutex::new(HashMap::new()),
             commit: Mutex::new(()),
         })
     }
@@ -74,33 +122,31 @@ impl BackupService {
         self.root.join(user_dir_name(user))
     }
 
-    /// Every committed backup of `user`, oldest first.
-    pub fn list(&self, user: &str) -> std::io::Result<Vec<BackupRecord>> {
-        let dir = self.user_dir(user);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            let bytes = std::fs::read(&path)?;
-            match serde_json::from_slice::<BackupRecord>(&bytes) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "damaged backup record skipped")
-                }
-            }
+    /// The chunk store of `user`'s backups (opened once, kept among the recently used).
+    pub fn user_store(&self, user: &str) -> Result<Arc<Store>, ApiError> {
+        let mut open = self
+            .stores
+            .lock()
+            .map_err(|_| storage("store cache", "poisoned"))?;
+        if let Some(s) = open.get(user) {
+            return Ok(s.clone());
         }
-        out.sort_by_key(|r| r.seq);
-        Ok(out)
+        let path = self.user_dir(user).join("store");
+        let store = Arc::new(Store::open(&path).map_err(|e| storage("user store", e))?);
+        if open.len() >= OPEN_STORES {
+            open.clear();
+        }
+        open.insert(user.to_string(), store.clone());
+        Ok(store)
     }
 
-    /// Chunks referenced by any backup: live for the store's garbage collection.
+    /// Every committed backup of `user`, oldest first.
+    pub fn list(&self, user: &str) -> std::io::Result<Vec<BackupRecord>> {
+        read_records(&self.user_dir(user))
+    }
+
+    /// Chunks referenced by any backup: live for the shared store's garbage collection
+    /// (only backups from before per-user stores name chunks there).
     pub fn live_chunks(data_dir: &Path) -> std::io::Result<HashSet<ChunkId>> {
         let root = data_dir.join("backups");
         let mut live = HashSet::new();
@@ -110,27 +156,146 @@ impl BackupService {
             Err(e) => return Err(e),
         };
         for user in users.flatten() {
-            for entry in std::fs::read_dir(user.path())?.flatten() {
-                let bytes = std::fs::read(entry.path())?;
-                if let Ok(r) = serde_json::from_slice::<BackupRecord>(&bytes) {
-                    live.extend(r.manifest.chunks.iter().flatten().copied());
-                }
+            if !user.path().is_dir() {
+                continue;
+            }
+            for r in read_records(&user.path())? {
+                live.extend(r.manifest.chunks.iter().flatten().copied());
             }
         }
         Ok(live)
     }
 
-    fn commit(&self, user: &str, device: &str, up: BackupUpload) -> Result<BackupRecord, ApiError> {
+    /// Which of `ids` `user`'s store lacks (the dedup query of backup uploads).
+    pub fn missing(&self, user: &str, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ApiError> {
+        let store = self.user_store(user)?;
+        let have = store
+            .contains_many(ids)
+            .map_err(|e| storage("chunk store", e))?;
+        Ok(ids
+            .iter()
+            .zip(have)
+            .filter(|(_, h)| !h)
+            .map(|(id, _)| *id)
+            .collect())
+    }
+
+    /// Stores one chunk of `user`'s backup; refused unless `data` hashes to `id`.
+    pub fn put_chunk(&self, user: &str, id: ChunkId, data: Vec<u8>) -> Result<(), ApiError> {
+        if ChunkId::of(&data) != id {
+            return Err(ApiError::BadRequest(format!(
+                "content does not hash to {id}; refused"
+            )));
+        }
+        let store = self.user_store(user)?;
+        let _g = store
+            .ingest_guard()
+            .map_err(|e| storage("ingest lock", e))?;
+        store
+            .put_many(vec![(id, tandem_store::Payload::Raw(data))])
+            .map_err(|e| storage("chunk write", e))?;
+        Ok(())
+    }
+
+    /// Stages part `index` of upload `upload` of `user`.
+    pub fn stage(
+        &self,
+        user: &str,
+        upload: &str,
+        index: u32,
+        part: &ManifestPart,
+    ) -> Result<(), ApiError> {
+        if !valid_upload_id(upload) {
+            return Err(ApiError::BadRequest(
+                "upload id must be 32 lower-case hex characters".into(),
+            ));
+        }
+        if part.chunks.len() > PART_CHUNKS {
+            return Err(ApiError::BadRequest(format!(
+                "a manifest part holds at most {PART_CHUNKS} entries"
+            )));
+        }
+        if u64::from(index) >= max_parts() {
+            return Err(ApiError::BadRequest(format!(
+                "part {index} is beyond the largest disk ({MAX_DISK} bytes)"
+            )));
+        }
+        let dir = self.user_dir(user).join("staging");
+        drop_stale_staging(&dir);
+        let path = dir.join(upload).join(format!("{index:08}.json"));
+        let json = serde_json::to_vec(part).expect("part serializes");
+        write_atomic(&path, &json, 0o600).map_err(|e| storage("staged part", e))
+    }
+
+    fn assemble(
+        &self,
+        user: &str,
+        upload: &str,
+        parts: u32,
+    ) -> Result<Vec<Option<ChunkId>>, ApiError> {
+        if !valid_upload_id(upload) {
+            return Err(ApiError::BadRequest(
+                "upload id must be 32 lower-case hex characters".into(),
+            ));
+        }
+        if u64::from(parts) > max_parts() {
+            return Err(ApiError::BadRequest(format!(
+                "{parts} parts is more than the largest disk ({MAX_DISK} bytes) needs"
+            )));
+        }
+        let dir = self.user_dir(user).join("staging").join(upload);
+        let mut chunks = Vec::new();
+        for i in 0..parts {
+            let path = dir.join(format!("{i:08}.json"));
+            let bytes = std::fs::read(&path).map_err(|_| {
+                ApiError::Conflict(format!(
+                    "part {i} of upload {upload} was not staged; stage every part, then commit"
+                ))
+            })?;
+            let part: ManifestPart =
+                serde_json::from_slice(&bytes).map_err(|e| storage("staged part", e))?;
+            chunks.extend(part.chunks);
+        }
+        Ok(chunks)
+    }
+
+    /// Commits a backup of `user` uploaded by `device`.
+    pub fn commit(
+        &self,
+        user: &str,
+        device: &str,
+        up: BackupUpload,
+    ) -> Result<BackupRecord, ApiError> {
+        self.commit_with(user, device, up, || {})
+    }
+
+    /// [`BackupService::commit`], running `between` after the completeness check and
+    /// before the record is written (where a racing GC would do harm; tests use it).
+    fn commit_with(
+        &self,
+        user: &str,
+        device: &str,
+        up: BackupUpload,
+        between: impl FnOnce(),
+    ) -> Result<BackupRecord, ApiError> {
         let mut manifest = up.manifest;
-        manifest
-            .validate()
-            .map_err(|e| ApiError::BadRequest(format!("backup manifest: {e}")))?;
+        if let Some(st) = &up.staged {
+            if !manifest.chunks.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "a staged backup carries its chunk list in the staged parts only".into(),
+                ));
+            }
+            manifest.chunks = self.assemble(user, &st.upload, st.parts)?;
+        }
         if manifest.size > MAX_DISK {
             return Err(ApiError::BadRequest(format!(
                 "backup of {} bytes is larger than the {MAX_DISK}-byte limit",
                 manifest.size
             )));
         }
+        manifest
+            .validate()
+            .map_err(|e| ApiError::BadRequest(format!("backup manifest: {e}")))?;
         let ids: Vec<ChunkId> = manifest
             .chunks
             .iter()
@@ -139,17 +304,22 @@ impl BackupService {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let have = self
-            .store
+        let store = self.user_store(user)?;
+        // From the check until the record is written no GC may sweep this store.
+        let guard = store
+            .ingest_guard()
+            .map_err(|e| storage("ingest lock", e))?;
+        let have = store
             .contains_many(&ids)
             .map_err(|e| storage("chunk store", e))?;
         let missing = have.iter().filter(|h| !**h).count();
         if missing > 0 {
             return Err(ApiError::Conflict(format!(
-                "{missing} chunks of this backup are not on the server; upload them first (the previous backup stays the latest)"
+                "{missing} chunks of this backup were not uploaded by this user; upload them first (the previous backup stays the latest)"
             )));
         }
-        let _guard = self
+        between();
+        let commit = self
             .commit
             .lock()
             .map_err(|_| storage("backup lock", "poisoned"))?;
@@ -165,18 +335,132 @@ impl BackupService {
             committed_at: now(),
             manifest,
         };
-        let path = self.user_dir(user).join(format!("{seq:020}.json"));
+        let path = self.user_dir(user).join(record_name(seq));
         let json = serde_json::to_vec(&record).expect("record serializes");
         write_atomic(&path, &json, 0o600).map_err(|e| storage("backup record", e))?;
         let mut all = existing;
         all.push(record.clone());
-        for old in prune(&all, record.committed_at) {
-            let p = self.user_dir(user).join(format!("{old:020}.json"));
+        let dropped = prune(&all, record.committed_at);
+        for old in &dropped {
+            let p = self.user_dir(user).join(record_name(*old));
             if let Err(e) = std::fs::remove_file(&p) {
                 tracing::warn!(path = %p.display(), error = %e, "could not prune backup");
             }
         }
+        drop(commit);
+        drop(guard);
+        if let Some(st) = &up.staged {
+            let _ = std::fs::remove_dir_all(self.user_dir(user).join("staging").join(&st.upload));
+        }
+        if !dropped.is_empty() {
+            match self.collect(user, UPLOAD_GRACE) {
+                Ok(r) => tracing::info!(
+                    user,
+                    removed = r.removed_chunks,
+                    "user backup store collected"
+                ),
+                Err(e) => {
+                    tracing::info!(user, error = %e, "user backup store not collected this time")
+                }
+            }
+        }
         Ok(record)
+    }
+
+    /// Garbage-collects `user`'s store: locks it first, then marks every chunk its
+    /// committed backups name, then sweeps what is unnamed and older than `grace`.
+    pub fn collect(&self, user: &str, grace: Duration) -> Result<tandem_store::GcReport, ApiError> {
+        let store = self.user_store(user)?;
+        let lock = store.gc_lock().map_err(|e| match e {
+            tandem_store::StoreError::InUse { .. } => ApiError::Conflict(format!(
+                "backups of {user} are being written; collect later"
+            )),
+            other => storage("gc lock", other),
+        })?;
+        let mut live = HashSet::new();
+        for r in self.list(user).map_err(|e| storage("backup list", e))? {
+            live.extend(r.manifest.chunks.iter().flatten().copied());
+        }
+        store
+            .gc_locked(&lock, &live, grace)
+            .map_err(|e| storage("gc", e))
+    }
+
+    /// Reads chunk `id` of `user`'s backup `seq`, refused unless that backup names it.
+    pub fn read_chunk(&self, user: &str, seq: u64, id: ChunkId) -> Result<Vec<u8>, ApiError> {
+        let record = self.record(user, seq)?;
+        if !record.manifest.chunks.iter().flatten().any(|c| *c == id) {
+            return Err(ApiError::Forbidden {
+                code: "not_in_backup",
+                message: format!("chunk {id} is not part of backup {seq}"),
+            });
+        }
+        let store = self.user_store(user)?;
+        if store
+            .contains_many(&[id])
+            .map_err(|e| storage("chunk store", e))?
+            .first()
+            .copied()
+            .unwrap_or(false)
+        {
+            return store.get(id).map_err(|e| storage("chunk read", e));
+        }
+        // A backup committed before per-user stores.
+        self.shared.get(id).map_err(|e| storage("chunk read", e))
+    }
+
+    fn record(&self, user: &str, seq: u64) -> Result<BackupRecord, ApiError> {
+        let path = self.user_dir(user).join(record_name(seq));
+        let bytes = std::fs::read(&path)
+            .map_err(|_| ApiError::NotFound(format!("user {user} has no backup {seq}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| storage("backup record", e))
+    }
+}
+
+/// Parts a manifest of the largest disk needs.
+fn max_parts() -> u64 {
+    (MAX_DISK / u64::from(tandem_proto::manifest::MIN_CHUNK_SIZE)).div_ceil(PART_CHUNKS as u64)
+}
+
+/// Every record in a user's backup directory, oldest first; damaged ones are skipped.
+fn read_records(dir: &Path) -> std::io::Result<Vec<BackupRecord>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") || !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        match serde_json::from_slice::<BackupRecord>(&bytes) {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "damaged backup record skipped")
+            }
+        }
+    }
+    out.sort_by_key(|r| r.seq);
+    Ok(out)
+}
+
+/// Removes staged uploads older than [`STAGING_TTL`].
+fn drop_stale_staging(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let horizon = std::time::SystemTime::now() - Duration::from_secs(STAGING_TTL);
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < horizon);
+        if old {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -216,16 +500,32 @@ fn device_of(c: Caller) -> Result<(DeviceId, String), ApiError> {
     }
 }
 
-/// The backup, escrow and re-provisioning routes; mount behind authentication.
+/// The backup, escrow and re-provisioning routes; mount behind authentication. Each route
+/// has an explicit body limit: nothing here needs more than one manifest part or chunk.
 pub fn routes(state: BackupState) -> Router {
+    let chunk_limit = DefaultBodyLimit::max(tandem_store::MAX_CHUNK_LEN + 1);
     Router::new()
         .route("/v1/backups", post(upload))
         .route("/v1/backups/latest", get(latest))
+        .route("/v1/backups/latest/head", get(latest_head))
+        .route("/v1/backups/chunks/missing", post(missing))
+        .route("/v1/backups/chunks/{id}", put(put_chunk).layer(chunk_limit))
+        .route("/v1/backups/staged/{upload}/{index}", put(stage))
+        .route("/v1/backups/{seq}/parts/{index}", get(read_part))
         .route("/v1/backups/{seq}/chunks/{id}", get(chunk))
         .route("/v1/escrow", get(get_escrow).put(put_escrow))
         .route("/v1/admin/backups/{who}", get(admin_list))
         .route("/v1/admin/devices/{old}/replace", post(replace))
+        .layer(DefaultBodyLimit::max(MAX_PART_BODY))
         .with_state(state)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| storage("backup task", e))?
 }
 
 async fn upload(
@@ -234,12 +534,10 @@ async fn upload(
     body: Bytes,
 ) -> Result<Json<BackupInfo>, ApiError> {
     let (device, user) = device_of(c)?;
-    let up: BackupUpload = parse_json(&body, MAX_UPLOAD)?;
+    let up: BackupUpload = parse_json(&body, MAX_PART_BODY)?;
     let svc = st.svc.clone();
     let u = user.clone();
-    let record = tokio::task::spawn_blocking(move || svc.commit(&u, &device.to_string(), up))
-        .await
-        .map_err(|e| storage("backup task", e))??;
+    let record = blocking(move || svc.commit(&u, &device.to_string(), up)).await?;
     let info = BackupInfo::from(&record);
     audit(
         &st.app,
@@ -253,13 +551,99 @@ async fn upload(
     Ok(Json(info))
 }
 
-async fn latest(State(st): State<BackupState>, c: Caller) -> Result<Json<BackupRecord>, ApiError> {
+async fn missing(
+    State(st): State<BackupState>,
+    c: Caller,
+    body: Bytes,
+) -> Result<Json<ChunkList>, ApiError> {
     let (_, user) = device_of(c)?;
-    let list = st.svc.list(&user).map_err(|e| storage("backup list", e))?;
+    let req: ChunkList = parse_json(&body, MAX_PART_BODY)?;
+    if req.chunks.len() > MAX_CHUNKS_PER_REQUEST {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_CHUNKS_PER_REQUEST} chunks per request"
+        )));
+    }
+    let svc = st.svc.clone();
+    let chunks = blocking(move || svc.missing(&user, &req.chunks)).await?;
+    Ok(Json(ChunkList { chunks }))
+}
+
+async fn put_chunk(
+    State(st): State<BackupState>,
+    c: Caller,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let (_, user) = device_of(c)?;
+    let id: ChunkId = id
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("chunk id: {e}")))?;
+    let svc = st.svc.clone();
+    blocking(move || svc.put_chunk(&user, id, body.to_vec())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stage(
+    State(st): State<BackupState>,
+    c: Caller,
+    UrlPath((upload, index)): UrlPath<(String, u32)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let (_, user) = device_of(c)?;
+    let part: ManifestPart = parse_json(&body, MAX_PART_BODY)?;
+    let svc = st.svc.clone();
+    blocking(move || svc.stage(&user, &upload, index, &part)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn latest_record(svc: &BackupService, user: &str) -> Result<BackupRecord, ApiError> {
+    let list = svc.list(user).map_err(|e| storage("backup list", e))?;
     list.into_iter()
         .last()
-        .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("user {user} has no backup yet")))
+}
+
+async fn latest(State(st): State<BackupState>, c: Caller) -> Result<Json<BackupRecord>, ApiError> {
+    let (_, user) = device_of(c)?;
+    let svc = st.svc.clone();
+    Ok(Json(blocking(move || latest_record(&svc, &user)).await?))
+}
+
+async fn latest_head(
+    State(st): State<BackupState>,
+    c: Caller,
+) -> Result<Json<BackupHead>, ApiError> {
+    let (_, user) = device_of(c)?;
+    let svc = st.svc.clone();
+    let r = blocking(move || latest_record(&svc, &user)).await?;
+    let chunks = r.manifest.chunks.len() as u64;
+    Ok(Json(BackupHead {
+        seq: r.seq,
+        size: r.manifest.size,
+        chunk_size: r.manifest.chunk_size,
+        chunks,
+        parts: u32::try_from(chunks.div_ceil(PART_CHUNKS as u64)).unwrap_or(u32::MAX),
+    }))
+}
+
+async fn read_part(
+    State(st): State<BackupState>,
+    c: Caller,
+    UrlPath((seq, index)): UrlPath<(u64, u32)>,
+) -> Result<Json<ManifestPart>, ApiError> {
+    let (_, user) = device_of(c)?;
+    let svc = st.svc.clone();
+    let r = blocking(move || svc.record(&user, seq)).await?;
+    let start = index as usize * PART_CHUNKS;
+    if start >= r.manifest.chunks.len() && !(index == 0 && r.manifest.chunks.is_empty()) {
+        return Err(ApiError::NotFound(format!(
+            "backup {seq} has no part {index}"
+        )));
+    }
+    let end = (start + PART_CHUNKS).min(r.manifest.chunks.len());
+    Ok(Json(ManifestPart {
+        chunks: r.manifest.chunks[start..end].to_vec(),
+    }))
 }
 
 async fn chunk(
@@ -271,22 +655,8 @@ async fn chunk(
     let id: ChunkId = id
         .parse()
         .map_err(|e| ApiError::BadRequest(format!("chunk id: {e}")))?;
-    let list = st.svc.list(&user).map_err(|e| storage("backup list", e))?;
-    let record = list
-        .into_iter()
-        .find(|r| r.seq == seq)
-        .ok_or_else(|| ApiError::NotFound(format!("user {user} has no backup {seq}")))?;
-    if !record.manifest.chunks.iter().flatten().any(|c| *c == id) {
-        return Err(ApiError::Forbidden {
-            code: "not_in_backup",
-            message: format!("chunk {id} is not part of backup {seq}"),
-        });
-    }
-    let store = st.svc.store.clone();
-    tokio::task::spawn_blocking(move || store.get(id))
-        .await
-        .map_err(|e| storage("chunk task", e))?
-        .map_err(|e| storage("chunk read", e))
+    let svc = st.svc.clone();
+    blocking(move || svc.read_chunk(&user, seq, id)).await
 }
 
 async fn put_escrow(
@@ -296,38 +666,28 @@ async fn put_escrow(
 ) -> Result<StatusCode, ApiError> {
     let (device, user) = device_of(c)?;
     let e: Escrow = parse_json(&body, 4096)?;
-    if e.key.len() != 44 {
-        return Err(ApiError::BadRequest(
-            "escrowed key must be 32 bytes of base64".into(),
-        ));
+    let svc = st.svc.clone();
+    let u = user.clone();
+    let stored = blocking(move || Ok(svc.escrow.put(&u, &e.key)?)).await?;
+    if stored {
+        audit(
+            &st.app,
+            &format!("device:{device}"),
+            "key.escrowed",
+            Some(device),
+            None,
+            serde_json::json!({"user": user}),
+        )
+        .await;
     }
-    let path = st.svc.escrow.join(format!("{}.key", user_dir_name(&user)));
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        if existing.trim() == e.key {
-            return Ok(StatusCode::NO_CONTENT);
-        }
-        return Err(ApiError::Conflict(format!(
-            "user {user} already has an escrowed disk key; restore it with the existing key"
-        )));
-    }
-    write_atomic(&path, e.key.as_bytes(), 0o600).map_err(|e| storage("escrow", e))?;
-    audit(
-        &st.app,
-        &format!("device:{device}"),
-        "key.escrowed",
-        Some(device),
-        None,
-        serde_json::json!({"user": user}),
-    )
-    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_escrow(State(st): State<BackupState>, c: Caller) -> Result<Json<Escrow>, ApiError> {
     let (device, user) = device_of(c)?;
-    let path = st.svc.escrow.join(format!("{}.key", user_dir_name(&user)));
-    let key = std::fs::read_to_string(&path)
-        .map_err(|_| ApiError::NotFound(format!("user {user} has no escrowed disk key")))?;
+    let svc = st.svc.clone();
+    let u = user.clone();
+    let key = blocking(move || Ok(svc.escrow.get(&u)?)).await?;
     audit(
         &st.app,
         &format!("device:{device}"),
@@ -337,12 +697,11 @@ async fn get_escrow(State(st): State<BackupState>, c: Caller) -> Result<Json<Esc
         serde_json::json!({"user": user}),
     )
     .await;
-    Ok(Json(Escrow {
-        key: key.trim().to_string(),
-    }))
+    Ok(Json(Escrow { key }))
 }
 
-async fn admin_list(
+/// `GET /v1/admin/backups/{who}`: a user's (or a device's user's) backups, oldest first.
+pub async fn admin_list(
     State(st): State<BackupState>,
     Admin(_): Admin,
     UrlPath(who): UrlPath<String>,
@@ -361,7 +720,8 @@ async fn admin_list(
     Ok(Json(list.iter().map(BackupInfo::from).collect()))
 }
 
-async fn replace(
+/// `POST /v1/admin/devices/{old}/replace`: kill `old`, re-provision its user on the new device.
+pub async fn replace(
     State(st): State<BackupState>,
     Admin(admin): Admin,
     UrlPath(old): UrlPath<String>,
@@ -464,19 +824,27 @@ mod tests {
                 chunks,
             },
             taken_at: 1,
+            staged: None,
         }
+    }
+
+    fn service(dir: &Path) -> (Arc<BackupService>, Arc<Store>) {
+        let shared = Arc::new(Store::open(&dir.join("store")).expect("store"));
+        let vault = crate::keys::EscrowVault::open(dir, &dir.join("escrow.key")).expect("vault");
+        (BackupService::new(dir, shared.clone(), vault), shared)
+    }
+
+    fn data(i: u8) -> (ChunkId, Vec<u8>) {
+        let d = vec![i; 65536];
+        (ChunkId::of(&d), d)
     }
 
     #[test]
     fn a_backup_with_missing_chunks_never_becomes_latest() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(Store::open(&dir.path().join("store")).expect("store"));
-        let svc = BackupService::new(dir.path(), store.clone());
-        let data = vec![7u8; 65536];
-        let id = ChunkId::of(&data);
-        store
-            .put_many(vec![(id, tandem_store::Payload::Raw(data))])
-            .expect("put");
+        let (svc, _) = service(dir.path());
+        let (id, d) = data(7);
+        svc.put_chunk("alice", id, d).expect("put");
         let first = svc
             .commit("alice", "d1", upload_of(vec![Some(id), None]))
             .expect("complete backup commits");
@@ -492,9 +860,163 @@ mod tests {
         assert_eq!(list[0].seq, 1);
         // Backups are per user: bob sees none of alice's.
         assert!(svc.list("bob").expect("list").is_empty());
+        // The user store lives under the backups directory, which live_chunks walks.
         assert!(BackupService::live_chunks(dir.path())
             .expect("live")
             .contains(&id));
+        // Content that does not hash to its id is refused.
+        let (other, _) = data(8);
+        assert!(matches!(
+            svc.put_chunk("alice", other, vec![7u8; 65536]),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    /// Issue 12, must-fix 4: naming a chunk id in one's own backup must not make the server
+    /// hand out a chunk the user never uploaded — another user's backup data, or an image
+    /// chunk in the shared store.
+    #[test]
+    fn chunks_cannot_be_laundered_through_ones_own_backup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (svc, shared) = service(dir.path());
+        let (secret, sd) = data(1);
+        svc.put_chunk("alice", secret, sd).expect("alice uploads");
+        svc.commit("alice", "da", upload_of(vec![Some(secret)]))
+            .expect("alice's backup");
+        let (image, idata) = data(2);
+        shared
+            .put_many(vec![(image, tandem_store::Payload::Raw(idata))])
+            .expect("an image chunk in the shared store");
+        // Bob's dedup query says "missing" for both: no hint that anyone holds them.
+        assert_eq!(
+            svc.missing("bob", &[secret, image]).expect("missing"),
+            vec![secret, image]
+        );
+        assert_eq!(svc.missing("alice", &[secret]).expect("missing"), vec![]);
+        // Bob's backup naming them is refused, so nothing is there to read back.
+        for id in [secret, image] {
+            let e = svc
+                .commit("bob", "db", upload_of(vec![Some(id)]))
+                .expect_err("laundering refused");
+            assert!(matches!(e, ApiError::Conflict(_)), "{e}");
+        }
+        assert!(svc.list("bob").expect("list").is_empty());
+        assert!(matches!(
+            svc.read_chunk("bob", 1, secret),
+            Err(ApiError::NotFound(_))
+        ));
+        // Alice reads her own chunk back.
+        assert_eq!(
+            svc.read_chunk("alice", 1, secret).expect("read").len(),
+            65536
+        );
+    }
+
+    /// Issue 12, must-fix 7: a GC that runs between a commit's completeness check and its
+    /// record write must not delete the chunks the record names.
+    #[test]
+    fn gc_racing_a_commit_never_leaves_a_backup_without_its_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (svc, _) = service(dir.path());
+        let (id, d) = data(3);
+        svc.put_chunk("alice", id, d).expect("put");
+        let store = svc.user_store("alice").expect("store");
+        // GC in the middle of the commit, with the live set as it is then (no record names
+        // the chunk yet), and no grace: the old code deleted the chunk here.
+        let mut gc_result = None;
+        let rec = svc
+            .commit_with("alice", "d1", upload_of(vec![Some(id)]), || {
+                gc_result = Some(store.gc(&HashSet::new(), Duration::ZERO));
+            })
+            .expect("commit");
+        assert!(
+            matches!(gc_result, Some(Err(tandem_store::StoreError::InUse { .. }))),
+            "GC must wait for the commit: {gc_result:?}"
+        );
+        assert_eq!(store.contains_many(&[id]).expect("contains"), vec![true]);
+        assert_eq!(
+            svc.read_chunk("alice", rec.seq, id).expect("read").len(),
+            65536
+        );
+
+        // The other order: GC holds its lock first and marks; a commit that starts then
+        // waits for the sweep, and either sees the chunk or is refused — never a record
+        // naming a swept chunk.
+        let (id2, d2) = data(4);
+        svc.put_chunk("alice", id2, d2).expect("put");
+        let lock = store.gc_lock().expect("gc lock");
+        let live: HashSet<ChunkId> = svc
+            .list("alice")
+            .expect("list")
+            .iter()
+            .flat_map(|r| r.manifest.chunks.iter().flatten().copied())
+            .collect();
+        let racing = {
+            let svc = svc.clone();
+            std::thread::spawn(move || svc.commit("alice", "d1", upload_of(vec![Some(id2)])))
+        };
+        store
+            .gc_locked(&lock, &live, Duration::ZERO)
+            .expect("sweep");
+        drop(lock);
+        let outcome = racing.join().expect("commit thread");
+        assert!(matches!(outcome, Err(ApiError::Conflict(_))), "{outcome:?}");
+        for r in svc.list("alice").expect("list") {
+            let ids: Vec<ChunkId> = r.manifest.chunks.iter().flatten().copied().collect();
+            assert!(
+                store
+                    .contains_many(&ids)
+                    .expect("contains")
+                    .iter()
+                    .all(|h| *h),
+                "backup {} names a swept chunk",
+                r.seq
+            );
+        }
+    }
+
+    /// Issue 12, must-fix 5: a manifest larger than any one request travels in parts.
+    #[test]
+    fn a_large_manifest_commits_from_staged_parts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (svc, _) = service(dir.path());
+        let (id, d) = data(5);
+        svc.put_chunk("alice", id, d).expect("put");
+        let n = PART_CHUNKS * 2 + 10;
+        let chunks: Vec<Option<ChunkId>> = (0..n).map(|i| (i % 3 != 0).then_some(id)).collect();
+        let upload = "0123456789abcdef0123456789abcdef";
+        for (i, part) in chunks.chunks(PART_CHUNKS).enumerate() {
+            svc.stage(
+                "alice",
+                upload,
+                i as u32,
+                &ManifestPart {
+                    chunks: part.to_vec(),
+                },
+            )
+            .expect("stage");
+        }
+        let mut up = upload_of(Vec::new());
+        up.manifest.size = n as u64 * 65536;
+        up.staged = Some(tandem_proto::backup::StagedManifest {
+            upload: upload.into(),
+            parts: 3,
+        });
+        // Another user cannot commit alice's staged upload.
+        assert!(matches!(
+            svc.commit("bob", "db", up.clone()),
+            Err(ApiError::Conflict(_))
+        ));
+        let rec = svc.commit("alice", "da", up).expect("commit");
+        assert_eq!(rec.manifest.chunks, chunks);
+        assert!(!svc.user_dir("alice").join("staging").join(upload).exists());
+        // A bad upload id and an oversized part are refused.
+        let part = ManifestPart { chunks: vec![None] };
+        assert!(svc.stage("alice", "../x", 0, &part).is_err());
+        let big = ManifestPart {
+            chunks: vec![None; PART_CHUNKS + 1],
+        };
+        assert!(svc.stage("alice", upload, 0, &big).is_err());
     }
 
     #[test]

@@ -78,6 +78,18 @@ impl From<tandem_db::DbError> for ApiError {
     }
 }
 
+impl From<crate::keys::EscrowError> for ApiError {
+    fn from(e: crate::keys::EscrowError) -> Self {
+        use crate::keys::EscrowError as E;
+        match e {
+            E::Malformed => ApiError::BadRequest(e.to_string()),
+            E::Exists(_) => ApiError::Conflict(e.to_string()),
+            E::Missing(_) => ApiError::NotFound(e.to_string()),
+            other => ApiError::Internal(InternalError::Storage(other.to_string())),
+        }
+    }
+}
+
 impl ApiError {
     /// Stable code and status.
     fn parts(&self) -> (StatusCode, &'static str) {

@@ -20,8 +20,12 @@ const MAX_HOSTNAME: usize = 255;
 #[tracing::instrument(skip_all)]
 pub async fn enroll(
     State(st): State<AppState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     body: Bytes,
 ) -> Result<Json<EnrollResponse>, ApiError> {
+    let source = peer
+        .map(|p| p.0 .0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
     let req: EnrollRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
     if req.hostname.is_empty() || req.hostname.len() > MAX_HOSTNAME {
         return Err(ApiError::BadRequest(format!(
@@ -42,13 +46,14 @@ pub async fn enroll(
     {
         Ok(user) => user,
         Err(tandem_db::DbError::Token(why)) => {
-            audit(
+            // Anyone can send these: rate-limited per source address.
+            crate::auth::audit_limited(
                 &st,
+                &source,
                 "server",
                 "enroll.refused",
                 None,
-                None,
-                serde_json::json!({"why": why.to_string(), "hostname": req.hostname}),
+                serde_json::json!({"why": why.to_string(), "hostname": req.hostname, "source": source}),
             )
             .await;
             return Err(tandem_db::DbError::Token(why).into());
@@ -73,6 +78,12 @@ pub async fn enroll(
 }
 
 /// `POST /v1/checkin`.
+///
+/// The device's status was read while authenticating; a kill may be ordered between that
+/// read and this check-in's write. The write is therefore conditional on the status read
+/// (one statement in the database), and when it no longer holds the answer is decided
+/// again from the new status: a lease is signed only after the database recorded it for a
+/// device that was still active.
 #[tracing::instrument(skip_all, fields(device = %dev.id))]
 pub async fn checkin(
     State(st): State<AppState>,
@@ -80,6 +91,32 @@ pub async fn checkin(
     body: Bytes,
 ) -> Result<Json<CheckinResponse>, ApiError> {
     let report: CheckinRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
+    let report_json = serde_json::to_string(&report).expect("serializing plain data cannot fail");
+    let mut dev = dev;
+    // The status only moves forward (active, kill-pending, killed): two retries suffice.
+    for _ in 0..3 {
+        if let Some(resp) = try_checkin(&st, &dev, &report, &report_json).await? {
+            return Ok(Json(resp));
+        }
+        dev = st
+            .db
+            .device(dev.id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("device {} not found", dev.id)))?;
+    }
+    Err(ApiError::Conflict(format!(
+        "device {} changed state during check-in; check in again",
+        dev.id
+    )))
+}
+
+/// One check-in attempt for `dev` as read; `None` when its status changed meanwhile.
+async fn try_checkin(
+    st: &AppState,
+    dev: &DeviceRow,
+    report: &CheckinRequest,
+    report_json: &str,
+) -> Result<Option<CheckinResponse>, ApiError> {
     let now = now();
     let (user, policy_json) = st
         .db
@@ -101,11 +138,7 @@ pub async fn checkin(
                 not_after,
                 policy_hash: policy.hash(),
             };
-            (
-                Some(st.keys.state.sign(fleet::KIND_LEASE, &lease)),
-                None,
-                Some(not_after),
-            )
+            (Some(lease), None, Some(not_after))
         }
         DeviceStatus::KillPending => {
             let order = KillOrder {
@@ -127,20 +160,6 @@ pub async fn checkin(
             })
         }
     };
-    let target = TargetState {
-        device: dev.id,
-        issued_at: now,
-        assignments: fleet::Assignments {
-            corporate: user.corporate.clone(),
-            personal: user.personal.clone(),
-        },
-        policy_name: user.policy.clone(),
-        policy,
-        lease,
-        kill: kill.clone(),
-        rules_version: crate::rules::current_version(&st.data_dir),
-    };
-    let report_json = serde_json::to_string(&report).expect("serializing plain data cannot fail");
     let actor = format!("device:{}", dev.id);
     let entry = |action: &str, detail: serde_json::Value| tandem_db::NewAudit {
         at: now,
@@ -164,11 +183,31 @@ pub async fn checkin(
             serde_json::json!({"why": "kill ordered; kill order delivered"}),
         ));
     }
-    st.db
-        .record_checkin(dev.id, now, &report_json, not_after, entries)
-        .await?;
+    if !st
+        .db
+        .record_checkin(dev.id, dev.status, now, report_json, not_after, entries)
+        .await?
+    {
+        tracing::info!(device = %dev.id, "status changed during check-in; deciding again");
+        return Ok(None);
+    }
+    // Signed only now that the database recorded it for a device still in `dev.status`.
+    let lease = lease.map(|l| st.keys.state.sign(fleet::KIND_LEASE, &l));
+    let target = TargetState {
+        device: dev.id,
+        issued_at: now,
+        assignments: fleet::Assignments {
+            corporate: user.corporate.clone(),
+            personal: user.personal.clone(),
+        },
+        policy_name: user.policy.clone(),
+        policy,
+        lease,
+        kill,
+        rules_version: crate::rules::current_version(&st.data_dir),
+    };
     tracing::debug!(device = %dev.id, not_after, "check-in");
-    Ok(Json(CheckinResponse {
+    Ok(Some(CheckinResponse {
         target: st.keys.state.sign(fleet::KIND_TARGET_STATE, &target),
     }))
 }

@@ -51,6 +51,15 @@ pub enum Caller {
 pub trait ImageAccess: Send + Sync + 'static {
     /// Whether `caller` may read `image` at `version`.
     fn may_read(&self, caller: &Caller, image: &str, version: u64) -> bool;
+
+    /// Whether `caller` may name `image` at `version` as the *base* of a delta
+    /// (`delta?from=`) or a manifest delta (`manifest?against=`): a version it may read or
+    /// already holds. The base matters as much as the target: a delta reveals which blocks
+    /// the two versions share, and every (base, target) pair costs a computation and a
+    /// cached file.
+    fn may_use_base(&self, caller: &Caller, image: &str, version: u64) -> bool {
+        self.may_read(caller, image, version)
+    }
 }
 
 /// Admins read everything, devices nothing: for a server without device assignments yet.
@@ -92,6 +101,9 @@ pub struct ImageService {
     trusted: Vec<PublicKey>,
     access: Arc<dyn ImageAccess>,
     chunk_sets: Mutex<HashMap<(String, u64), ChunkSet>>,
+    /// One delta computation at a time: a burst of requests for uncached deltas queues
+    /// instead of taking every core and the disk.
+    computing: Mutex<()>,
 }
 
 /// The chunk ids of one version, cached for authorizing chunk fetches.
@@ -121,6 +133,7 @@ impl ImageService {
             trusted,
             access,
             chunk_sets: Mutex::new(HashMap::new()),
+            computing: Mutex::new(()),
         }))
     }
 
@@ -196,6 +209,10 @@ impl ImageService {
             .catalog
             .delta_path(name, from, to)
             .map_err(ApiError::from_sync)?;
+        if path.exists() {
+            return Ok(path);
+        }
+        let _one_at_a_time = self.computing.lock().expect("delta mutex poisoned");
         if path.exists() {
             return Ok(path);
         }
@@ -311,6 +328,26 @@ fn check_read(svc: &ImageService, who: &Caller, name: &str, version: u64) -> Res
     }
 }
 
+/// A delta's target must be readable and its base readable or held by the caller.
+fn check_delta(
+    svc: &ImageService,
+    who: &Caller,
+    name: &str,
+    base: u64,
+    target: u64,
+) -> Result<(), ApiError> {
+    check_read(svc, who, name, target)?;
+    if svc.access.may_use_base(who, name, base) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{name} v{base} is neither assigned to nor held by this caller; it cannot be a delta base"),
+        ))
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -394,7 +431,10 @@ async fn get_manifest(
     Query(q): Query<AgainstQuery>,
 ) -> Result<Response, ApiError> {
     let who = caller(c)?;
-    check_read(&svc, &who, &name, version)?;
+    match q.against {
+        Some(a) => check_delta(&svc, &who, &name, a, version)?,
+        None => check_read(&svc, &who, &name, version)?,
+    }
     blocking(move || {
         // Served as stored: laptops verify the signature themselves.
         let Some(a) = q.against else {
@@ -447,6 +487,12 @@ async fn put_manifest(
             ));
         }
         let ids: Vec<ChunkId> = m.chunk_set().into_iter().collect();
+        // Held from the completeness check until the manifest is saved: a GC (which locks
+        // before it marks) cannot sweep these chunks in between.
+        let _ingest = svc
+            .store
+            .ingest_guard()
+            .map_err(|e| ApiError::internal(&e))?;
         let have = svc
             .store
             .contains_many(&ids)
@@ -480,7 +526,7 @@ async fn get_delta(
     Query(q): Query<FromQuery>,
 ) -> Result<Response, ApiError> {
     let who = caller(c)?;
-    check_read(&svc, &who, &name, version)?;
+    check_delta(&svc, &who, &name, q.from, version)?;
     if q.from == version {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -819,6 +865,83 @@ mod tests {
         let signed = device.manifest("gold", 1).await.expect("manifest");
         let back = Manifest::verify(&signed, &svc.trusted).expect("signed by the image key");
         assert_eq!(back, m);
+    }
+
+    /// Lets devices read only `gold` v2 (as if v2 were assigned and v1 never was).
+    struct OnlyV2;
+    impl ImageAccess for OnlyV2 {
+        fn may_read(&self, caller: &Caller, image: &str, version: u64) -> bool {
+            *caller == Caller::Admin || (image == "gold" && version == 2)
+        }
+    }
+
+    /// Issue 12, must-fix 9: the base of a delta or manifest delta is authorized like the
+    /// target; an unassigned base is refused before anything is computed or cached.
+    #[tokio::test]
+    async fn delta_bases_must_be_assigned_or_held() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let svc = ImageService::open(d.path(), Arc::new(OnlyV2)).expect("open");
+        let (a, da) = chunk(1);
+        let (b, db) = chunk(2);
+        svc.store
+            .put_many(vec![
+                (a, tandem_store::Payload::Raw(da)),
+                (b, tandem_store::Payload::Raw(db)),
+            ])
+            .expect("put");
+        for (v, ids) in [(1, vec![a]), (2, vec![a, b]), (3, vec![b])] {
+            let m = manifest(v, &ids);
+            svc.catalog.save(&m, &m.sign(&svc.key)).expect("save");
+        }
+        let device = Client::new(
+            &start(svc.clone(), Some(Caller::Device("d1".into()))).await,
+            Arc::new(NoAuth),
+        );
+        device
+            .manifest("gold", 2)
+            .await
+            .expect("the target alone is readable");
+        assert_eq!(
+            status(
+                device
+                    .delta_size("gold", 1, 2)
+                    .await
+                    .expect_err("base v1 not held")
+            ),
+            403
+        );
+        assert_eq!(
+            status(
+                device
+                    .manifest_delta("gold", 2, 1)
+                    .await
+                    .expect_err("base v1 not held")
+            ),
+            403
+        );
+        assert_eq!(
+            status(
+                device
+                    .delta_size("gold", 3, 2)
+                    .await
+                    .expect_err("base v3 not held")
+            ),
+            403
+        );
+        // Nothing was computed for the refused pairs.
+        for from in [1, 3] {
+            let p = svc.catalog.delta_path("gold", from, 2).expect("path");
+            assert!(
+                !p.exists(),
+                "delta {from}->2 was computed for a refused base"
+            );
+        }
+        // An admin may use any base.
+        let admin = Client::new(
+            &start(svc.clone(), Some(Caller::Admin)).await,
+            Arc::new(NoAuth),
+        );
+        assert!(admin.delta_size("gold", 1, 2).await.expect("admin delta") > 0);
     }
 
     #[tokio::test]

@@ -35,7 +35,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tandem_db::{DatabaseUrl, Db, NewAudit};
 use tandem_proto::fleet::DeviceId;
@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Metadata database; `None` means SQLite at `<data>/tandem.db`.
     pub database: Option<DatabaseUrl>,
+    /// The key that seals escrowed disk keys; `None` means
+    /// [`keys::EscrowVault::default_key_file`] (beside the data directory, not in it).
+    pub escrow_key_file: Option<PathBuf>,
 }
 
 /// Starting the server failed.
@@ -96,15 +99,23 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// Which image versions each device may read (the image routes' authorization).
     pub access: Arc<FleetAccess>,
+    /// Rate limit of audit entries that callers can provoke at will.
+    pub audit_limiter: Arc<auth::AuditLimiter>,
 }
 
 /// Image authorization from the fleet's assignments: a device may read exactly the
 /// corporate and personal versions assigned to its user; admins read everything. The
 /// authentication middleware refreshes a device's entry from the database on every
 /// image request, so an assignment change takes effect at the next request.
+///
+/// A delta base may also be a version the device reported holding at its last check-in
+/// (the version it updates from). That list is the device's own claim, so it only widens
+/// the bases, never the targets: a device can make the server compute deltas into the at
+/// most two versions assigned to it, from versions it claims, and nothing else.
 #[derive(Debug, Default)]
 pub struct FleetAccess {
     assigned: std::sync::Mutex<std::collections::HashMap<String, tandem_proto::fleet::Assignments>>,
+    held: std::sync::Mutex<std::collections::HashMap<String, Vec<tandem_proto::fleet::ImageRef>>>,
 }
 
 impl FleetAccess {
@@ -114,6 +125,14 @@ impl FleetAccess {
             .lock()
             .expect("access lock poisoned")
             .insert(device.to_string(), a);
+    }
+
+    /// Records the versions `device` reported holding (possible delta bases).
+    pub fn set_held(&self, device: DeviceId, held: Vec<tandem_proto::fleet::ImageRef>) {
+        self.held
+            .lock()
+            .expect("access lock poisoned")
+            .insert(device.to_string(), held);
     }
 }
 
@@ -132,6 +151,20 @@ impl images::ImageAccess for FleetAccess {
             }
         }
     }
+
+    fn may_use_base(&self, caller: &images::Caller, image: &str, version: u64) -> bool {
+        if self.may_read(caller, image, version) {
+            return true;
+        }
+        match caller {
+            images::Caller::Admin => true,
+            images::Caller::Device(id) => {
+                let map = self.held.lock().expect("access lock poisoned");
+                map.get(id)
+                    .is_some_and(|h| h.iter().any(|r| r.image == image && r.version == version))
+            }
+        }
+    }
 }
 
 /// An opened server, ready to serve.
@@ -141,6 +174,8 @@ pub struct Server {
     pub state: AppState,
     /// Set on the first start only: print it once for the administrator.
     pub first_admin_token: Option<AdminToken>,
+    /// Escrowed disk keys, sealed.
+    pub escrow: keys::EscrowVault,
 }
 
 impl Server {
@@ -152,6 +187,11 @@ impl Server {
             source,
         })?;
         let keys = keys::ServerKeys::load_or_create(&config.data_dir)?;
+        let escrow_key = config
+            .escrow_key_file
+            .clone()
+            .unwrap_or_else(|| keys::EscrowVault::default_key_file(&config.data_dir));
+        let escrow = keys::EscrowVault::open(&config.data_dir, &escrow_key)?;
         let url = config
             .database
             .clone()
@@ -164,11 +204,13 @@ impl Server {
             nonces: Arc::new(auth::NonceCache::default()),
             data_dir: config.data_dir,
             access: Arc::new(FleetAccess::default()),
+            audit_limiter: Arc::new(auth::AuditLimiter::default()),
         };
         let first_admin_token = bootstrap_admin(&state).await?;
         Ok(Server {
             state,
             first_admin_token,
+            escrow,
         })
     }
 }
@@ -222,6 +264,8 @@ pub fn router_with(state: AppState, extra: Router) -> Router {
             post(admin::create_user).get(admin::list_users),
         )
         .route("/v1/admin/tokens", post(admin::create_token))
+        .route("/v1/admin/tokens/revoke", post(admin::revoke_tokens))
+        .route("/v1/admin/admins/{name}", delete(admin::revoke_admin))
         .route("/v1/admin/devices", get(admin::list_devices))
         .route("/v1/admin/devices/{id}/kill", post(admin::kill_device))
         .route("/v1/admin/assign", post(admin::assign))
@@ -260,7 +304,11 @@ pub async fn serve(
     let access: Arc<dyn images::ImageAccess> = server.state.access.clone();
     let service = images::ImageService::open(&server.state.data_dir, access)?;
     let backups = backups::routes(backups::BackupState {
-        svc: backups::BackupService::new(&server.state.data_dir, service.store().clone()),
+        svc: backups::BackupService::new(
+            &server.state.data_dir,
+            service.store().clone(),
+            server.escrow.clone(),
+        ),
         app: server.state.clone(),
     });
     let rules = rules::routes(server.state.data_dir.clone());
@@ -268,6 +316,8 @@ pub async fn serve(
         server.state,
         images::routes(service).merge(backups).merge(rules),
     );
+    // Peer addresses key the audit rate limit of unauthenticated callers.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

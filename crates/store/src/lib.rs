@@ -336,6 +336,11 @@ fn spawn_index_closer(slot: std::sync::Weak<Mutex<Option<OpenIndex>>>) {
 #[derive(Debug)]
 pub struct IngestGuard(#[allow(dead_code)] File);
 
+/// Held by garbage collection from before its mark until after its sweep; excludes every
+/// [`IngestGuard`].
+#[derive(Debug)]
+pub struct GcLock(#[allow(dead_code)] File);
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -937,8 +942,18 @@ impl Store {
         Ok(report)
     }
 
-    /// Deletes chunks not in `live` (and older than `grace`) and compacts packs.
+    /// Deletes chunks not in `live` (and older than `grace`) and compacts packs. The caller
+    /// computed `live` before the lock: prefer [`Store::gc_lock`], then the mark, then
+    /// [`Store::gc_locked`], so no commit can reference a chunk between mark and sweep.
     pub fn gc(&self, live: &HashSet<ChunkId>, grace: Duration) -> Result<GcReport, StoreError> {
+        let lock = self.gc_lock()?;
+        self.gc_locked(&lock, live, grace)
+    }
+
+    /// Takes the exclusive GC lock without waiting ([`StoreError::InUse`] while any ingest
+    /// guard is held). While it is held no ingest guard can be taken, so a caller that
+    /// computes its live set after this returns sees every committed manifest.
+    pub fn gc_lock(&self) -> Result<GcLock, StoreError> {
         let lock_path = self.root.join("lock");
         let lock = File::options()
             .create(true)
@@ -947,14 +962,21 @@ impl Store {
             .open(&lock_path)
             .map_err(|e| StoreError::io(&lock_path, e))?;
         match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::InUse {
-                    path: self.root.clone(),
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io(&lock_path, e)),
+            Ok(()) => Ok(GcLock(lock)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+                path: self.root.clone(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::io(&lock_path, e)),
         }
+    }
+
+    /// The sweep of [`Store::gc`], under a lock from [`Store::gc_lock`].
+    pub fn gc_locked(
+        &self,
+        _lock: &GcLock,
+        live: &HashSet<ChunkId>,
+        grace: Duration,
+    ) -> Result<GcReport, StoreError> {
         // Our own open writer must not be compacted under us.
         if let Some(w) = self.writer.lock().expect("writer mutex poisoned").take() {
             w.sync().map_err(|e| StoreError::io(&self.packs_dir, e))?;

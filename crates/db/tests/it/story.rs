@@ -21,6 +21,18 @@ async fn story(db: &dyn Db) {
         Some("admin")
     );
     assert_eq!(db.admin_by_hash("nope").await.expect("find"), None);
+    // Revocation: never the last credential; a revoked one no longer authenticates.
+    assert!(matches!(
+        db.revoke_admin("admin").await,
+        Err(DbError::Conflict { .. })
+    ));
+    db.add_admin("temp", "h2", 10).await.expect("add admin");
+    db.revoke_admin("temp").await.expect("revoke");
+    assert_eq!(db.admin_by_hash("h2").await.expect("find"), None);
+    assert!(matches!(
+        db.revoke_admin("temp").await,
+        Err(DbError::NotFound { .. })
+    ));
 
     // Users and policies.
     assert!(
@@ -91,6 +103,24 @@ async fn story(db: &dyn Db) {
     );
     // A refused enrollment leaves no device behind.
     assert_eq!(db.devices().await.expect("list").len(), 1);
+    // Revoking a user's tokens ends the unused, unexpired ones (t2 and t4; t1 is used);
+    // a revoked token is refused.
+    db.add_enroll_token("t4", "alice", 100, 500)
+        .await
+        .expect("token");
+    assert_eq!(
+        db.revoke_enroll_tokens("alice", 122).await.expect("revoke"),
+        2
+    );
+    assert_eq!(
+        db.revoke_enroll_tokens("alice", 122).await.expect("again"),
+        0
+    );
+    let revoked = db.enroll("t4", &device(), 123).await;
+    assert!(
+        matches!(revoked, Err(DbError::Token(TokenRefusal::Expired))),
+        "{revoked:?}"
+    );
 
     let got = db.device(d1.id).await.expect("read").expect("exists");
     assert_eq!(got.user, "alice");
@@ -106,12 +136,28 @@ async fn story(db: &dyn Db) {
         reason: None,
         detail: serde_json::json!({}),
     };
-    db.record_checkin(d1.id, 130, "{}", Some(1000), vec![entry(130)])
+    assert!(db
+        .record_checkin(
+            d1.id,
+            DeviceStatus::Active,
+            130,
+            "{}",
+            Some(1000),
+            vec![entry(130)]
+        )
         .await
-        .expect("checkin");
-    db.record_checkin(d1.id, 131, "{\"a\":1}", None, vec![entry(131), entry(131)])
+        .expect("checkin"));
+    assert!(db
+        .record_checkin(
+            d1.id,
+            DeviceStatus::Active,
+            131,
+            "{\"a\":1}",
+            None,
+            vec![entry(131), entry(131)]
+        )
         .await
-        .expect("checkin");
+        .expect("checkin"));
     let checkins = db
         .audit(AuditFilter {
             device: Some(d1.id),
@@ -136,6 +182,30 @@ async fn story(db: &dyn Db) {
     db.order_kill(d1.id, "admin:admin", "stolen", 140)
         .await
         .expect("order");
+    // A check-in that read the device as active before the kill order gets no lease: the
+    // conditional write finds the status changed and writes nothing (issue 12).
+    assert!(!db
+        .record_checkin(
+            d1.id,
+            DeviceStatus::Active,
+            141,
+            "{}",
+            Some(99_999),
+            vec![entry(141)]
+        )
+        .await
+        .expect("stale check-in"));
+    let got = db.device(d1.id).await.expect("read").expect("exists");
+    assert_eq!(
+        got.lease_not_after,
+        Some(1000),
+        "no lease past the kill order"
+    );
+    assert_eq!(got.last_checkin, Some(131));
+    assert!(db
+        .record_checkin(d1.id, DeviceStatus::KillPending, 142, "{}", None, vec![])
+        .await
+        .expect("kill-pending check-in"));
     assert!(matches!(
         db.order_kill(d1.id, "admin:admin", "again", 141).await,
         Err(DbError::Conflict { .. })
