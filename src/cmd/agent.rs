@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use tandem_agent::checkin::{self, Outcome};
+use tandem_agent::api::{CheckinReport, Reply, Request};
+use tandem_agent::checkin;
 use tandem_agent::identity::Identity;
+use tandem_agent::laptop::{Laptop, LaptopConfig, LaptopHooks};
 use tandem_agent::AgentDir;
 
 use crate::output::{print_json, Global};
@@ -44,11 +46,28 @@ enum AgentCommand {
     },
     /// Check in once now.
     CheckIn,
-    /// Run the agent in the foreground: check in periodically until stopped.
+    /// Run the agent daemon in the foreground: it owns both desktops, serves the local API
+    /// the laptop verbs use, checks in, backs up and enforces the lease until stopped.
     Run {
         /// Check in this often instead of the policy's interval (e.g. 30s).
         #[arg(long)]
         interval: Option<humantime::Duration>,
+        /// Directory of the built guest whose kernel and initramfs boot the bases.
+        #[arg(
+            long,
+            env = "TANDEM_GUEST_DIR",
+            default_value = "/var/cache/tandem/guest"
+        )]
+        guest_dir: PathBuf,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// Accelerator: auto, kvm or tcg.
+        #[arg(long, default_value = "auto")]
+        accel: tandem_vm::Accel,
+        /// Size of a new corporate user disk in MiB.
+        #[arg(long, default_value_t = 128)]
+        user_disk_mib: u64,
     },
     /// Back up the corporate user disk now (same as `tandem desktop backup`).
     Backup,
@@ -95,21 +114,43 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             Ok(crate::exit::SUCCESS)
         }
         AgentCommand::CheckIn => {
-            let hooks = crate::cmd::desktop::DesktopHooks::new(&args.dir);
-            let outcome = checkin::checkin_once(&dir, &hooks)
-                .await
-                .context("checking in")?;
-            report_outcome(json, &outcome)?;
+            let report = if daemon_running(&dir) {
+                let dir = args.dir.clone();
+                let reply = tokio::task::spawn_blocking(move || {
+                    crate::cmd::desktop::call(&dir, Request::CheckIn)
+                })
+                .await??;
+                match reply {
+                    Reply::CheckedIn(r) => *r,
+                    other => anyhow::bail!("unexpected reply from the agent daemon: {other:?}"),
+                }
+            } else {
+                // No daemon (yet): check in from here, with the same hooks it would use.
+                let laptop = std::sync::Arc::new(Laptop::new(
+                    dir.clone(),
+                    laptop_config(PathBuf::new(), 256, tandem_vm::Accel::Auto, 128),
+                    tokio::runtime::Handle::current(),
+                ));
+                let hooks = LaptopHooks(laptop);
+                checkin::checkin_once(&dir, &hooks)
+                    .await
+                    .context("checking in")?
+                    .into()
+            };
+            report_outcome(json, &report)?;
             Ok(crate::exit::SUCCESS)
         }
-        AgentCommand::Run { interval } => {
-            Identity::load(&dir)?;
-            eprintln!("tandem: agent running on {}", args.dir.display());
-            let hooks = crate::cmd::desktop::DesktopHooks::new(&args.dir);
-            crate::cmd::desktop::spawn_backup_scheduler(args.dir.clone());
-            checkin::run(
-                &dir,
-                &hooks,
+        AgentCommand::Run {
+            interval,
+            guest_dir,
+            memory,
+            accel,
+            user_disk_mib,
+        } => {
+            eprintln!("tandem: agent daemon running on {}", args.dir.display());
+            tandem_agent::daemon::run(
+                dir,
+                laptop_config(guest_dir, memory, accel, user_disk_mib),
                 checkin::RunOptions {
                     interval: interval.map(Into::into),
                 },
@@ -120,7 +161,19 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
         }
         AgentCommand::Backup => anyhow::bail!("backup runs outside the agent's runtime"),
         AgentCommand::Status => {
-            let s = tandem_agent::status::status(&dir, tandem_agent::now())?;
+            let s = if daemon_running(&dir) {
+                let d = args.dir.clone();
+                match tokio::task::spawn_blocking(move || {
+                    crate::cmd::desktop::call(&d, Request::Status)
+                })
+                .await??
+                {
+                    Reply::Status(s) => *s,
+                    other => anyhow::bail!("unexpected reply from the agent daemon: {other:?}"),
+                }
+            } else {
+                tandem_agent::status::status(&dir, tandem_agent::now())?
+            };
             if json {
                 print_json(&s)?;
             } else {
@@ -185,47 +238,46 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn report_outcome(json: bool, o: &Outcome) -> anyhow::Result<()> {
-    match o {
-        Outcome::Killed => {
-            if json {
-                print_json(&serde_json::json!({"killed": true}))?;
-            } else {
-                eprintln!("tandem: this device was killed by an administrator; corporate keys and data are erased");
-                println!("killed");
-            }
-        }
-        Outcome::Applied {
-            target,
-            lease,
-            hook_error,
-            pulls,
-        } => {
-            if json {
-                print_json(&serde_json::json!({
-                    "killed": false,
-                    "target": target,
-                    "lease": lease,
-                    "hook_error": hook_error,
-                    "pulls": pulls,
-                }))?;
-            } else {
-                match lease {
-                    Some(l) => println!(
-                        "checked in; lease until {}",
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(l.not_after)
-                        )
-                    ),
-                    None => println!("checked in; no lease issued"),
-                }
-                for p in pulls {
-                    match &p.error {
-                        None => println!("image {}: {}", p.image, p.outcome),
-                        Some(e) => eprintln!("tandem: image {}: pull failed: {e}", p.image),
-                    }
-                }
-            }
+fn daemon_running(dir: &AgentDir) -> bool {
+    tandem_agent::laptop::socket_alive(&tandem_agent::api::socket_path(dir))
+}
+
+fn laptop_config(
+    guest_dir: PathBuf,
+    memory_mib: u32,
+    accel: tandem_vm::Accel,
+    user_disk_mib: u64,
+) -> LaptopConfig {
+    LaptopConfig {
+        guest_dir,
+        memory_mib,
+        accel,
+        user_disk_mib,
+    }
+}
+
+fn report_outcome(json: bool, o: &CheckinReport) -> anyhow::Result<()> {
+    if json {
+        return print_json(o);
+    }
+    if o.killed {
+        eprintln!("tandem: this device was killed by an administrator; corporate keys and data are erased");
+        println!("killed");
+        return Ok(());
+    }
+    match &o.lease {
+        Some(l) => println!(
+            "checked in; lease until {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(l.not_after)
+            )
+        ),
+        None => println!("checked in; no lease issued"),
+    }
+    for p in &o.pulls {
+        match &p.error {
+            None => println!("image {}: {}", p.image, p.outcome),
+            Some(e) => eprintln!("tandem: image {}: pull failed: {e}", p.image),
         }
     }
     Ok(())

@@ -34,6 +34,8 @@ struct Story {
     server_url: String,
     admin_token: String,
     server: Option<Child>,
+    /// The agent daemons (`tandem agent run`), one per laptop.
+    daemons: Vec<Child>,
     step: usize,
     guest_dir: PathBuf,
     /// Console lines already shown, per VM, for the current boot.
@@ -167,6 +169,36 @@ impl Story {
         }
     }
 
+    /// Starts the laptop's agent daemon in the background and waits for its socket.
+    fn start_daemon(&mut self, laptop: &Path) -> anyhow::Result<()> {
+        println!(
+            "   $ tandem agent run --dir {} &   (the daemon that owns the laptop)",
+            laptop.display()
+        );
+        let name = laptop
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let log = std::fs::File::create(self.root.join(format!("daemon-{name}.log")))?;
+        let child = self
+            .cmd(&["agent", "run", "--dir", &laptop.to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent daemon")?;
+        self.daemons.push(child);
+        let socket = laptop.join("agent.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("the agent daemon did not come up; see daemon-{name}.log");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Starts a desktop and waits until its console is ready.
     fn start_desktop(&self, desktop: &str) -> anyhow::Result<()> {
         let agent = self.laptop.borrow().clone();
@@ -197,19 +229,20 @@ impl Story {
 
 impl Drop for Story {
     fn drop(&mut self) {
-        for vm in ["corporate", "personal"] {
-            let vms = self.vms();
-            let _ = self
-                .cmd(&[
-                    "vm",
-                    "stop",
-                    vm,
-                    "--timeout",
-                    "10",
-                    "--state-dir",
-                    &vms.to_string_lossy(),
-                ])
-                .output();
+        for laptop in [self.agent(), self.laptop2()] {
+            for vm in ["corporate", "personal"] {
+                let _ = self
+                    .cmd(&["vm", "stop", vm, "--timeout", "10", "--state-dir"])
+                    .arg(laptop.join("vms"))
+                    .output();
+            }
+        }
+        for mut d in self.daemons.drain(..) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(d.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = d.wait();
         }
         if let Some(mut s) = self.server.take() {
             let _ = s.kill();
@@ -259,6 +292,7 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
         server_url: String::new(),
         admin_token: String::new(),
         server: None,
+        daemons: Vec::new(),
         step: 0,
         guest_dir: args.guest_dir.clone(),
         shown: Default::default(),
@@ -404,6 +438,9 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
         "--dir",
         &agent_s,
     ])?;
+
+    s.say("Start the agent daemon: from now on it owns the laptop (desktops, bases over NBD, check-ins, backups)");
+    s.start_daemon(&agent)?;
 
     s.say("Boot the corporate desktop: gold v1 under a volatile overlay, encrypted user disk");
     s.start_desktop("corporate")?;
@@ -566,6 +603,7 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
 
     s.say("The replacement laptop checks in, syncs, and starts alice's corporate desktop: her file is back");
     s.switch_to(laptop2.clone());
+    s.start_daemon(&laptop2)?;
     s.run(&["agent", "check-in", "--dir", &laptop2_s])?;
     s.start_desktop("corporate")?;
     let lines = s.console_until("corporate", "tandem-boot: ready")?;

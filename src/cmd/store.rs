@@ -68,16 +68,12 @@ fn open(p: &Place) -> anyhow::Result<Opened> {
             })
         }
         (None, Some(dir)) => {
-            let keyfile = dir.join("keys").join("image-signing.pub");
-            let text = std::fs::read_to_string(&keyfile)
-                .with_context(|| format!("reading pinned image key {}", keyfile.display()))?;
-            let key = tandem_proto::PublicKey::from_base64(text.trim())?;
-            let local = tandem_sync::Local::open(dir, vec![key.clone()])
+            let local = tandem_agent::images::open_local(&tandem_agent::AgentDir::new(dir))
                 .with_context(|| format!("opening laptop store in {}", dir.display()))?;
             Ok(Opened {
                 store: local.store,
                 catalog: local.catalog,
-                trusted: vec![key],
+                trusted: local.trusted,
             })
         }
         (None, None) => anyhow::bail!("pass --data DIR (server) or --dir DIR (laptop)"),

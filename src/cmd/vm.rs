@@ -11,9 +11,10 @@ use tandem_vm::{
     Accel, Boot, DeviceControls, DiskFormat, DiskSpec, Exit, Network, Serial, Vm, VmSpec, Vnc,
 };
 
-use crate::cmd::desktop::{recovery as desktop_recovery, RecoveryAction};
+use crate::cmd::desktop::recovery as desktop_recovery;
 use crate::exit;
 use crate::output::{print_json, Global};
+use tandem_agent::laptop::Recovery;
 
 /// Arguments of `tandem vm`.
 #[derive(Debug, clap::Args)]
@@ -120,6 +121,7 @@ pub fn parse_disk(text: &str) -> anyhow::Result<DiskSpec> {
         read_only,
         snapshot,
         secret_file,
+        reconnect_backing: false,
     })
 }
 
@@ -157,6 +159,7 @@ impl SpecArgs {
                 read_only: false,
                 snapshot: true,
                 secret_file: None,
+                reconnect_backing: false,
             });
         }
         for d in &self.disks {
@@ -411,17 +414,27 @@ pub fn run(args: VmArgs, global: &Global) -> anyhow::Result<u8> {
             desktop,
             snapshot,
             dir,
-        } => desktop_recovery(&dir.dir, desktop, RecoveryAction::Snapshot(snapshot), false),
+        } => desktop_recovery(
+            &dir.dir,
+            desktop,
+            Recovery::Snapshot { name: snapshot },
+            false,
+        ),
         VmCommand::Snapshots { desktop, dir, json } => {
-            desktop_recovery(&dir.dir, desktop, RecoveryAction::List, json)
+            desktop_recovery(&dir.dir, desktop, Recovery::List, json)
         }
         VmCommand::Rollback {
             desktop,
             snapshot,
             dir,
-        } => desktop_recovery(&dir.dir, desktop, RecoveryAction::Rollback(snapshot), false),
+        } => desktop_recovery(
+            &dir.dir,
+            desktop,
+            Recovery::Rollback { name: snapshot },
+            false,
+        ),
         VmCommand::Reset { desktop, dir } => {
-            desktop_recovery(&dir.dir, desktop, RecoveryAction::Reset, false)
+            desktop_recovery(&dir.dir, desktop, Recovery::Reset, false)
         }
         VmCommand::Supervise { name, state } => {
             let rd = RunDir::existing(&state.state_dir, &name)?;
@@ -512,7 +525,7 @@ pub fn start_named(state_dir: &Path, name: &str, spec_args: &SpecArgs) -> anyhow
 }
 
 /// Launches `tandem vm supervise` for a prepared run directory.
-pub fn start_supervisor(state_dir: &Path, rd: &RunDir) -> anyhow::Result<VmState> {
+fn start_supervisor(state_dir: &Path, rd: &RunDir) -> anyhow::Result<VmState> {
     use std::os::unix::process::CommandExt as _;
     rd.reset_state()?;
     let log = std::fs::File::create(rd.path().join("supervisor.log"))

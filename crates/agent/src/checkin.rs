@@ -36,7 +36,7 @@ pub trait Hooks: CorporateVms {
     /// Acts on a verified target state: pull newly assigned image versions (image sync),
     /// pass policy and device controls to the VM specs. Errors are logged and retried at
     /// the next check-in; they never undo the lease.
-    fn apply_target(&self, _target: &TargetState) -> Result<(), String> {
+    fn apply_target(&self, _target: &TargetState) -> Result<(), HookError> {
         Ok(())
     }
     /// Told every minute by the run loop what a running corporate VM must do under the
@@ -45,6 +45,14 @@ pub trait Hooks: CorporateVms {
 }
 
 impl Hooks for kill::NoVms {}
+
+/// A hook could not act on the target state.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The VM layer failed.
+    #[error(transparent)]
+    Vm(#[from] tandem_vm::VmError),
+}
 
 /// A check-in failed.
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +249,7 @@ pub async fn apply(
             target: env.clone(),
         },
     )?;
-    let hook_error = hooks.apply_target(&target).err();
+    let hook_error = hooks.apply_target(&target).err().map(|e| e.to_string());
     if let Some(e) = &hook_error {
         tracing::warn!(
             error = e,

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tandem_proto::fleet::{ImageRef, TargetState};
 
 use crate::identity::Identity;
@@ -23,6 +23,49 @@ impl tandem_sync::SignRequest for DeviceSigner {
             .map(|(k, v)| (k.to_string(), v))
             .collect()
     }
+}
+
+/// The laptop store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStoreError {
+    /// No image-signing key is pinned: the device is neither enrolled nor given a key.
+    #[error("no image-signing key is pinned in {0}; enroll with `tandem agent enroll` (or pull once with --image-key)")]
+    NoPinnedKey(std::path::PathBuf),
+    /// The pinned key file is damaged.
+    #[error("the pinned image key {path} is damaged: {why}")]
+    DamagedKey {
+        /// Key file.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Opening the store failed.
+    #[error("opening the laptop store: {0}")]
+    Sync(#[from] tandem_sync::SyncError),
+}
+
+/// The image-signing key(s) this laptop trusts: the one pinned at enrollment, else the
+/// one pinned by an earlier `tandem image pull --image-key` (`keys/image-signing.pub`).
+pub fn trusted_keys(dir: &AgentDir) -> Result<Vec<tandem_proto::PublicKey>, LocalStoreError> {
+    if let Ok(id) = Identity::load(dir) {
+        return Ok(vec![id.info.keys.image.clone()]);
+    }
+    let path = dir.keys().join("image-signing.pub");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => tandem_proto::PublicKey::from_base64(text.trim())
+            .map(|k| vec![k])
+            .map_err(|e| LocalStoreError::DamagedKey {
+                path,
+                why: e.to_string(),
+            }),
+        Err(_) => Err(LocalStoreError::NoPinnedKey(dir.root().to_path_buf())),
+    }
+}
+
+/// Opens the laptop's chunk store and catalog with the pinned image key.
+pub fn open_local(dir: &AgentDir) -> Result<tandem_sync::Local, LocalStoreError> {
+    let trusted = trusted_keys(dir)?;
+    Ok(tandem_sync::Local::open(dir.root(), trusted)?)
 }
 
 /// Image versions committed in the local store (reported at check-in).
@@ -46,7 +89,7 @@ pub fn held(dir: &AgentDir) -> Vec<ImageRef> {
 }
 
 /// What happened to one assigned version.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PullResult {
     /// Which version.
     pub image: ImageRef,

@@ -19,7 +19,7 @@ const FORMAT: &str = "tandem-killed-v1";
 /// default [`NoVms`] is for devices (and tests) without a supervisor.
 pub trait CorporateVms: Send + Sync {
     /// Stops every corporate VM now (hard stop is fine: its disks are about to go).
-    fn stop_all(&self) -> Result<(), String>;
+    fn stop_all(&self) -> Result<(), tandem_vm::VmError>;
 }
 
 /// No VM supervisor: nothing to stop.
@@ -27,7 +27,7 @@ pub trait CorporateVms: Send + Sync {
 pub struct NoVms;
 
 impl CorporateVms for NoVms {
-    fn stop_all(&self) -> Result<(), String> {
+    fn stop_all(&self) -> Result<(), tandem_vm::VmError> {
         Ok(())
     }
 }
@@ -86,7 +86,7 @@ pub fn execute(
         Err(e) => {
             // Erase anyway: without keys the disks are unreadable even to a running VM's
             // next open; the ack reports the failure.
-            tracing::error!(error = e, "could not stop corporate VMs; erasing anyway");
+            tracing::error!(error = %e, "could not stop corporate VMs; erasing anyway");
             false
         }
     };
@@ -125,8 +125,8 @@ mod tests {
 
     struct Failing;
     impl CorporateVms for Failing {
-        fn stop_all(&self) -> Result<(), String> {
-            Err("qemu hung".into())
+        fn stop_all(&self) -> Result<(), tandem_vm::VmError> {
+            Err(tandem_vm::VmError::NotRunning("corporate".into()))
         }
     }
 

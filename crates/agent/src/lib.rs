@@ -23,16 +23,21 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod backup;
 pub mod checkin;
 pub mod client;
+pub mod daemon;
+pub mod escrow;
 pub mod fsutil;
 pub mod identity;
 pub mod images;
 pub mod kill;
+pub mod laptop;
 pub mod lease;
 pub mod rules;
 pub mod status;
+pub mod versions;
 
 use std::path::{Path, PathBuf};
 

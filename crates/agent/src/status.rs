@@ -1,14 +1,14 @@
 //! What `tandem agent status` shows: identity, lease (days left or why refused), last
 //! check-in, kill state, assignments.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tandem_proto::fleet::{Assignments, DeviceId, Policy};
 
 use crate::identity::{Identity, IdentityError};
 use crate::{checkin, kill, lease, AgentDir};
 
 /// The agent's state for people and `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentStatus {
     /// Whether an identity exists.
     pub enrolled: bool,

@@ -87,6 +87,11 @@ impl BaseDisk {
         }
     }
 
+    /// Whether it is served over NBD (and may briefly go away when its server restarts).
+    pub fn is_nbd(&self) -> bool {
+        matches!(self, BaseDisk::Nbd { .. })
+    }
+
     /// Human label.
     pub fn label(&self) -> &str {
         match self {
@@ -132,6 +137,12 @@ impl Layout {
     /// Personal persistent overlay.
     pub fn personal_overlay(&self) -> PathBuf {
         self.desktop_dir(Desktop::Personal).join("overlay.qcow2")
+    }
+
+    /// The base the personal overlay was made on (`name@version` or a file's label): the
+    /// overlay holds clusters relative to exactly that base and may never sit on another.
+    pub fn personal_binding(&self) -> PathBuf {
+        self.desktop_dir(Desktop::Personal).join("overlay-base")
     }
 
     /// Key material directory (destroyed by a kill).

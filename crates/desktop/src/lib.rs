@@ -20,6 +20,7 @@
 //! | `corporate/user.qcow2` | LUKS-encrypted user disk (ext4 inside) |
 //! | `corporate/base.json` | which base the running corporate VM uses |
 //! | `personal/overlay.qcow2` | persistent overlay with the recovery points |
+//! | `personal/overlay-base` | the exact base (`name@version`) the overlay was made on |
 //! | `keys/user-disk.wrapped`, `keys/wrap.key` | the user disk key, wrapped; the wrapping key |
 //! | `run/` | short-lived secret files handed to QEMU at start (0600, removed after) |
 //! | `vms/` | state directory of the VM supervisor (`corporate`, `personal`) |
@@ -78,6 +79,14 @@ pub enum DesktopError {
     /// The corporate desktop is managed by IT.
     #[error("the corporate desktop is managed by IT: {0} is not allowed")]
     Locked(String),
+    /// The personal overlay belongs to another base version.
+    #[error("the personal desktop's disk was made on {bound} and cannot run on {requested} (its changes would land on different blocks); start it on {bound} (`--image {bound}`), or reset it to move to {requested} (`tandem vm reset personal`: drops its changes)")]
+    OverlayBound {
+        /// The base the overlay was made on.
+        bound: String,
+        /// The base asked for.
+        requested: String,
+    },
     /// No such recovery point.
     #[error("the {desktop} VM has no recovery point `{name}`; it has: {available}")]
     NoSuchSnapshot {

@@ -135,6 +135,25 @@ pub fn rollback(layout: &Layout, d: Desktop, name: &str) -> Result<(), DesktopEr
     disks::snapshot_apply(&ov, name)
 }
 
+/// The base the personal overlay is bound to, if it exists: its binding record, or for
+/// an overlay made before bindings existed, the base it was last started on.
+pub fn bound_base(layout: &Layout) -> Result<Option<String>, DesktopError> {
+    if !layout.personal_overlay().exists() {
+        return Ok(None);
+    }
+    let binding = layout.personal_binding();
+    match std::fs::read_to_string(&binding) {
+        Ok(label) => return Ok(Some(label.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DesktopError::io(&binding, e)),
+    }
+    let record = layout.base_record(Desktop::Personal);
+    Ok(std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::BaseDisk>(&b).ok())
+        .map(|b| b.label().to_string()))
+}
+
 /// Resets the personal VM to its pristine base: drops the overlay and every recovery
 /// point. The VM must be off.
 pub fn reset(layout: &Layout, d: Desktop) -> Result<(), DesktopError> {
@@ -142,10 +161,12 @@ pub fn reset(layout: &Layout, d: Desktop) -> Result<(), DesktopError> {
     if is_running(layout, d)? {
         return Err(DesktopError::Running { desktop: d });
     }
-    let ov = layout.personal_overlay();
-    match std::fs::remove_file(&ov) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DesktopError::io(&ov, e)),
+    for p in [layout.personal_overlay(), layout.personal_binding()] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DesktopError::io(&p, e)),
+        }
     }
+    Ok(())
 }

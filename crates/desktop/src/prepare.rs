@@ -104,6 +104,7 @@ pub fn corporate(
             read_only: false,
             snapshot: false,
             secret_file: None,
+            reconnect_backing: base.is_nbd(),
         },
         DiskSpec {
             path: user,
@@ -111,6 +112,7 @@ pub fn corporate(
             read_only: false,
             snapshot: false,
             secret_file: Some(secret.path().to_path_buf()),
+            reconnect_backing: false,
         },
     ];
     Ok(Prepared {
@@ -130,11 +132,24 @@ pub fn personal(
 ) -> Result<Prepared, DesktopError> {
     mkdir(&layout.desktop_dir(Desktop::Personal))?;
     let overlay = layout.personal_overlay();
-    if !overlay.exists() {
+    let binding = layout.personal_binding();
+    if overlay.exists() {
+        if let Some(bound) = crate::personal::bound_base(layout)? {
+            if bound != base.label() {
+                return Err(DesktopError::OverlayBound {
+                    bound,
+                    requested: base.label().to_string(),
+                });
+            }
+        }
+    } else {
         let size = base
             .size()
             .map_err(|e| DesktopError::io(base.backing(), e))?;
         disks::create_overlay(&base.backing(), size, &overlay)?;
+    }
+    if !binding.exists() {
+        std::fs::write(&binding, base.label()).map_err(|e| DesktopError::io(&binding, e))?;
     }
     let record = layout.base_record(Desktop::Personal);
     let json = serde_json::to_vec_pretty(base).expect("base serializes");
@@ -145,6 +160,7 @@ pub fn personal(
         read_only: false,
         snapshot: false,
         secret_file: None,
+        reconnect_backing: base.is_nbd(),
     }];
     Ok(Prepared {
         spec: spec(Desktop::Personal.name(), boot, disks),
@@ -184,4 +200,56 @@ pub fn user_disk_copy(layout: &Layout, out: &std::path::Path) -> Result<(), Desk
     result?;
     resumed?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot() -> BootConfig {
+        BootConfig {
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: 64,
+            vcpus: 1,
+            accel: Accel::Tcg,
+            network: Network::None,
+            controls: DeviceControls::default(),
+        }
+    }
+
+    /// Issue 12, item 3: an overlay made on one base version is never put on another.
+    #[test]
+    fn personal_overlay_is_bound_to_its_exact_base_version() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(tmp.path());
+        let v3 = tmp.path().join("v3.raw");
+        let v4 = tmp.path().join("v4.raw");
+        std::fs::write(&v3, vec![3u8; 1 << 20]).expect("write");
+        std::fs::write(&v4, vec![4u8; 1 << 20]).expect("write");
+        let base = |p: &std::path::Path, label: &str| BaseDisk::File {
+            path: p.to_path_buf(),
+            label: label.into(),
+        };
+        personal(&layout, &base(&v3, "personal-base@3"), &boot(), Vec::new())
+            .expect("first start makes the overlay");
+        let err = personal(&layout, &base(&v4, "personal-base@4"), &boot(), Vec::new())
+            .expect_err("another version is refused");
+        assert!(
+            matches!(&err, DesktopError::OverlayBound { bound, requested }
+                if bound == "personal-base@3" && requested == "personal-base@4"),
+            "{err}"
+        );
+        // The same version still starts; after a reset the new one does.
+        personal(&layout, &base(&v3, "personal-base@3"), &boot(), Vec::new())
+            .expect("same version");
+        crate::personal::reset(&layout, Desktop::Personal).expect("reset");
+        personal(&layout, &base(&v4, "personal-base@4"), &boot(), Vec::new())
+            .expect("after a reset the new version starts");
+        assert_eq!(
+            crate::personal::bound_base(&layout).expect("read"),
+            Some("personal-base@4".to_string())
+        );
+    }
 }

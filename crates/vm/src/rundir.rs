@@ -11,6 +11,13 @@
 //! | `serial.log`, `qemu.log` | QEMU | everything the guest printed; QEMU's stderr |
 //! | `stop-requested` | `vm stop` | marks the coming exit as asked for |
 //! | `sidecars.json` | `vm start` | helper processes the VM needs (e.g. an NBD export of its base) |
+//! | `qemu.pid` | QEMU | pid of a VM [`RunDir::launch`]ed by a long-lived owner, locked by QEMU while it lives |
+//!
+//! Two kinds of owner: a detached supervisor process per VM (`tandem vm start`), which
+//! holds `lock`; or a long-lived process such as the laptop daemon, which
+//! [`RunDir::launch`]es QEMU detached and [`RunDir::watch`]es it. QEMU then holds the POSIX
+//! lock on `qemu.pid` itself, so it keeps running when its owner dies (SIGKILL, upgrade)
+//! and the restarted owner re-attaches through that lock and the QMP socket.
 //!
 //! Sidecars start before QEMU, in order, each waited for until its socket appears; they
 //! are killed when QEMU ends and die with the supervisor (`PR_SET_PDEATHSIG`), so a base
@@ -160,6 +167,27 @@ impl RunDir {
         self.dir.join("state.json")
     }
 
+    /// The pidfile of a launched QEMU.
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+
+    /// The pid of a launched QEMU that is alive (it holds the lock on `qemu.pid`).
+    pub fn launched_pid(&self) -> Option<u32> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.pidfile())
+            .ok()?;
+        let mut lk = whole_file_lock();
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            nix::fcntl::FcntlArg::F_GETLK(&mut lk),
+        )
+        .ok()?;
+        (i32::from(lk.l_type) != libc::F_UNLCK && lk.l_pid > 0).then_some(lk.l_pid as u32)
+    }
+
     fn stop_marker(&self) -> PathBuf {
         self.dir.join("stop-requested")
     }
@@ -260,14 +288,130 @@ impl RunDir {
         }
     }
 
-    /// Whether a supervisor holds this VM (its pid, from the state file).
+    /// Whether this VM lives: the pid of its supervisor (which holds `lock`) or of its
+    /// launched QEMU (which holds `qemu.pid`).
     pub fn running_supervisor(&self) -> Result<Option<u32>, VmError> {
         match self.try_lock()? {
-            Some(_released_on_drop) => Ok(None),
+            Some(_released_on_drop) => Ok(self.launched_pid()),
             None => Ok(Some(
                 self.raw_state().and_then(|s| s.supervisor_pid).unwrap_or(0),
             )),
         }
+    }
+
+    /// Starts the VM's QEMU detached from the caller (see the module doc) and returns its
+    /// state and process; pass the process to [`RunDir::watch`] on a thread of its own.
+    pub fn launch(&self, spec: &VmSpec) -> Result<(VmState, std::process::Child), VmError> {
+        if let Some(pid) = self.running_supervisor()? {
+            return Err(VmError::AlreadyRunning {
+                name: self.name.clone(),
+                pid,
+            });
+        }
+        let _ = std::fs::remove_file(self.stop_marker());
+        let _ = std::fs::rename(self.serial_log(), self.dir.join("serial.prev.log"));
+        let _ = std::fs::remove_file(self.pidfile());
+        let spec = self.place(spec.clone());
+        self.write_spec(&spec)?;
+        let mut state = VmState {
+            name: self.name.clone(),
+            phase: Phase::Starting,
+            supervisor_pid: None,
+            qemu_pid: None,
+            accel: None,
+            started_at: Some(now()),
+            ended_at: None,
+            exit: None,
+            error: None,
+        };
+        self.write_state(&state)?;
+        let vm = match Vm::start_detached(&spec, &self.dir.join("qemu.log"), &self.pidfile()) {
+            Ok(vm) => vm,
+            Err(e) => {
+                state.phase = Phase::Failed;
+                state.error = Some(e.to_string());
+                state.ended_at = Some(now());
+                self.write_state(&state)?;
+                return Err(e);
+            }
+        };
+        state.phase = Phase::Running;
+        state.qemu_pid = vm.pid();
+        state.accel = Some(vm.accel().as_str().to_string());
+        self.write_state(&state)?;
+        tracing::info!(vm = %self.name, pid = ?vm.pid(), "VM running");
+        let child = vm.detach().ok_or(VmError::StartTimeout(0))?;
+        Ok((state, child))
+    }
+
+    /// Blocks until a launched QEMU ends and records how it ended. `child` is the process
+    /// when this process launched it (its exit status is then known); `None` re-attaches
+    /// to a QEMU launched by an earlier owner, through the lock it holds on `qemu.pid`.
+    pub fn watch(&self, child: Option<std::process::Child>) -> Result<VmState, VmError> {
+        let status = match child {
+            Some(mut c) => Some(c.wait().map_err(|e| VmError::io(crate::QEMU, e))?),
+            None => {
+                if let Ok(file) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(self.pidfile())
+                {
+                    let lk = whole_file_lock();
+                    // Blocks until QEMU (the holder) exits; our lock goes with `file`.
+                    let _ = nix::fcntl::fcntl(
+                        std::os::fd::AsRawFd::as_raw_fd(&file),
+                        nix::fcntl::FcntlArg::F_SETLKW(&lk),
+                    );
+                }
+                None
+            }
+        };
+        let requested = self.stop_marker().exists();
+        // QEMU removes its pidfile when it exits normally; a killed QEMU leaves it.
+        let clean = match status {
+            Some(s) => s.success(),
+            None => !self.pidfile().exists(),
+        };
+        let exit = if requested {
+            Exit::Stopped {
+                how: if clean { "guest" } else { "killed" }.into(),
+            }
+        } else if clean {
+            Exit::Stopped {
+                how: "guest".into(),
+            }
+        } else {
+            Exit::Crashed {
+                status: status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "QEMU ended abnormally".into()),
+                last_serial: crate::tail_lines(&self.serial_log(), 20),
+            }
+        };
+        let mut state = self.raw_state().unwrap_or(VmState {
+            name: self.name.clone(),
+            phase: Phase::Running,
+            supervisor_pid: None,
+            qemu_pid: None,
+            accel: None,
+            started_at: None,
+            ended_at: None,
+            exit: None,
+            error: None,
+        });
+        state.phase = match exit {
+            Exit::Stopped { .. } => Phase::Stopped,
+            Exit::Crashed { .. } => Phase::Crashed,
+        };
+        state.qemu_pid = None;
+        state.ended_at = Some(now());
+        state.exit = Some(exit);
+        self.write_state(&state)?;
+        let _ = std::fs::remove_file(self.pidfile());
+        let _ = std::fs::remove_file(self.qmp_socket());
+        let _ = std::fs::remove_file(self.console_socket());
+        tracing::info!(vm = %self.name, phase = ?state.phase, "VM ended");
+        Ok(state)
     }
 
     fn raw_state(&self) -> Option<VmState> {
@@ -293,7 +437,11 @@ impl RunDir {
             state.phase = Phase::Crashed;
             state.qemu_pid = None;
             state.exit = Some(Exit::Crashed {
-                status: "supervisor died".into(),
+                status: if state.supervisor_pid.is_some() {
+                    "supervisor died".into()
+                } else {
+                    "QEMU ended while no owner watched it".into()
+                },
                 last_serial: crate::tail_lines(&self.serial_log(), 20),
             });
         }
@@ -401,6 +549,33 @@ impl RunDir {
         }
     }
 
+    /// The state once the owner recorded the end (a launched VM's watcher writes it just
+    /// after QEMU exits), or the corrected state if nobody does within a few seconds.
+    fn settled_state(&self) -> VmState {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(s) = self.raw_state() {
+                if !matches!(s.phase, Phase::Running | Phase::Starting) {
+                    return s;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.state().unwrap_or_else(|_| {
+            self.raw_state().unwrap_or(VmState {
+                name: self.name.clone(),
+                phase: Phase::Stopped,
+                supervisor_pid: None,
+                qemu_pid: None,
+                accel: None,
+                started_at: None,
+                ended_at: None,
+                exit: None,
+                error: None,
+            })
+        })
+    }
+
     /// Stops the VM: power button, then `quit` after `timeout`, then SIGKILL to QEMU.
     pub fn stop(&self, timeout: Duration) -> Result<VmState, VmError> {
         let state = self.state()?;
@@ -415,7 +590,7 @@ impl RunDir {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if ended(self)? {
-                return self.state();
+                return Ok(self.settled_state());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -426,7 +601,7 @@ impl RunDir {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if ended(self)? {
-                return self.state();
+                return Ok(self.settled_state());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -440,7 +615,18 @@ impl RunDir {
         while Instant::now() < deadline && !ended(self)? {
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.state()
+        Ok(self.settled_state())
+    }
+}
+
+/// A write lock over the whole file, as QEMU's `lockf` takes it on its pidfile.
+fn whole_file_lock() -> libc::flock {
+    libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
     }
 }
 

@@ -68,7 +68,15 @@ pub struct DiskSpec {
     /// File holding the LUKS passphrase of an encrypted qcow2 (UTF-8 text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
+    /// The qcow2's backing file is an NBD export that may go away for a while (its
+    /// server restarts): QEMU holds the guest's reads and reconnects instead of failing
+    /// them, for up to [`RECONNECT_SECS`].
+    #[serde(default)]
+    pub reconnect_backing: bool,
 }
+
+/// How long QEMU holds reads of an NBD backing file while its server is away.
+pub const RECONNECT_SECS: u32 = 300;
 
 /// Guest networking.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -396,6 +404,9 @@ impl VmSpec {
             if disk.snapshot {
                 d.push_str(",snapshot=on");
             }
+            if disk.reconnect_backing {
+                d.push_str(&format!(",backing.file.reconnect-delay={RECONNECT_SECS}"));
+            }
             push("-drive");
             push(&d);
         }
@@ -439,6 +450,7 @@ mod tests {
                 read_only: false,
                 snapshot: false,
                 secret_file: None,
+                reconnect_backing: false,
             }],
             serial: Serial::File {
                 log: dir.join("serial.log"),

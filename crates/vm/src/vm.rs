@@ -66,6 +66,18 @@ impl Vm {
     /// Validates `spec`, starts QEMU (its stderr goes to `stderr_log`) and returns once
     /// the monitor answers. On any failure nothing is left running.
     pub fn start(spec: &VmSpec, stderr_log: &Path) -> Result<Vm, VmError> {
+        Self::spawn(spec, stderr_log, None)
+    }
+
+    /// Like [`Vm::start`], but QEMU outlives its starter: it runs in its own process
+    /// group, gets no parent-death signal, and keeps `pidfile` locked (QEMU's own
+    /// `-pidfile` lock) for as long as it lives, so a restarted owner can find it again.
+    /// Hand the process over with [`Vm::detach`].
+    pub fn start_detached(spec: &VmSpec, stderr_log: &Path, pidfile: &Path) -> Result<Vm, VmError> {
+        Self::spawn(spec, stderr_log, Some(pidfile))
+    }
+
+    fn spawn(spec: &VmSpec, stderr_log: &Path, pidfile: Option<&Path>) -> Result<Vm, VmError> {
         spec.validate()?;
         let accel = accel::resolve(spec.accel);
         if spec.accel == Accel::Kvm {
@@ -82,7 +94,13 @@ impl Vm {
             Serial::Stdio { .. } => cmd.stdin(Stdio::null()).stdout(Stdio::piped()),
             _ => cmd.stdin(Stdio::null()).stdout(Stdio::null()),
         };
-        crate::sys::kill_with_parent(&mut cmd);
+        match pidfile {
+            None => crate::sys::kill_with_parent(&mut cmd),
+            Some(p) => {
+                use std::os::unix::process::CommandExt as _;
+                cmd.arg("-pidfile").arg(p).process_group(0);
+            }
+        }
         tracing::info!(vm = %spec.name, accel = accel.as_str(), "starting QEMU");
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -130,6 +148,11 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Gives up ownership without stopping QEMU: the caller now waits for the process.
+    pub fn detach(mut self) -> Option<Child> {
+        self.child.take()
     }
 
     /// The guest's serial output when the spec says [`Serial::Stdio`]: the caller copies
