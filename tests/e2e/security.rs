@@ -9,7 +9,7 @@ use tandem_proto::auth::{self, RequestSignature};
 use tandem_proto::SigningKey;
 
 use super::fleet::{Backend, Fleet};
-use super::util::{run, tandem};
+use super::util::{run, tandem, wait_for, Reaped};
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -92,6 +92,12 @@ fn backup_of_a_disk_holding_several_gib_commits() {
         file.set_len(DATA + (1 << 20)).expect("hole at the end");
     }
     let data_entries = DATA / CHUNK as u64;
+    // Backups run in the agent daemon (where one exists; the command then asks it).
+    let _daemon = Reaped::spawn(tandem().args(["agent", "run", "--dir"]).arg(&dir));
+    assert!(
+        wait_for(60, || dir.join("agent.sock").exists()),
+        "agent daemon did not start"
+    );
     let b1 = run(tandem()
         .args(["agent", "backup", "--json", "--dir"])
         .arg(&dir))
@@ -149,7 +155,8 @@ fn laundering_dedup_probing_and_kill_pending_access_are_refused() {
         .arg(&disk)
         .arg("--data")
         .arg(&srv)
-        .args(["--json"]))
+        // A raw disk with no filesystem cannot be malware-scanned: publish it anyway.
+        .args(["--force", "--json"]))
     .ok();
     let stolen_id = tandem_proto::ChunkId::of(&secret[..64 << 10]);
     // The chunk is really on the server (asked as the admin, who may).
