@@ -37,6 +37,9 @@ enum ImageCommand {
     /// (development and tests; `tandem server` serves it with authentication).
     #[command(hide = true)]
     ServeHttp(ServeHttpArgs),
+    /// Internal: open, check and stream an image for `publish` as a limited child process.
+    #[command(hide = true)]
+    PublishReader,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,7 +79,13 @@ struct PublishArgs {
     /// Version number (default: one more than the highest).
     #[arg(long)]
     version: Option<u64>,
-    /// Publish even when the pre-publish malware scan finds something or cannot finish.
+    /// A backing file the image's qcow2 chain may use (repeatable). Only files named here
+    /// are ever opened, and only regular files that are not symlinks; an image that names
+    /// any other backing file is refused, with or without --force.
+    #[arg(long = "backing", value_name = "FILE")]
+    backing: Vec<PathBuf>,
+    /// Publish even when the pre-publish malware scan finds something or cannot scan
+    /// everything (never when the image or a backing file is refused).
     #[arg(long)]
     force: bool,
     /// Print one JSON document.
@@ -290,6 +299,7 @@ pub fn run(args: ImageArgs, global: &Global) -> anyhow::Result<u8> {
         ImageCommand::Pull(a) => pull(a, global),
         ImageCommand::Serve(a) => serve(a),
         ImageCommand::ServeHttp(a) => serve_http(a),
+        ImageCommand::PublishReader => Ok(tandem_sync::publish::reader_main()),
     }
 }
 
@@ -309,64 +319,78 @@ fn bar(global: &Global, json: bool, len: u64, msg: &str) -> Option<indicatif::Pr
     Some(b)
 }
 
-/// Scans a gold image before it is published, in isolated workers (`tandem scan image`),
-/// with the server's current signed rule bundle when IT published one.
+/// Scans a gold image before it is published, in isolated workers (the same scan as
+/// `tandem scan image`), with the server's current signed rule bundle when IT published
+/// one. Infected or incomplete refuses the publish unless --force; an image the scan
+/// cannot open at all (e.g. a refused backing file) is refused, --force or not.
 fn scan_before_publish(
     a: &PublishArgs,
     keys: &tandem_server::keys::ServerKeys,
     global: &Global,
 ) -> anyhow::Result<()> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["scan", "image"]).arg(&a.file).arg("--json");
     let bundle = tandem_server::rules::bundle_path(&a.data.data);
-    if bundle.is_file() {
-        cmd.arg("--bundle")
-            .arg(&bundle)
-            .arg("--trust")
-            .arg(keys.rules.public().to_base64());
-    }
+    let bundle = bundle
+        .is_file()
+        .then(|| (bundle, keys.rules.public().to_base64()));
     if !global.quiet && !a.json {
         eprintln!(
             "scanning {} for malware before publishing",
             a.file.display()
         );
     }
-    let out = cmd.output().context("running the pre-publish scan")?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let infected: Vec<String> = report["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|v| v["files"].as_array().cloned().unwrap_or_default())
-        .filter(|f| f["verdict"] == "infected")
-        .filter_map(|f| f["path"].as_str().map(str::to_string))
-        .collect();
-    let verdict = match out.status.code() {
-        Some(0) => return Ok(()),
-        Some(1) => format!(
+    let report = crate::cmd::scan::scan_before_publish(&a.file, &a.backing, bundle, global)
+        .with_context(|| {
+            format!(
+                "the pre-publish scan of {} failed; nothing was published",
+                a.file.display()
+            )
+        })?;
+    let files = |want: fn(&tandem_scan::Verdict) -> bool| -> Vec<String> {
+        report
+            .volumes
+            .iter()
+            .flat_map(|v| &v.files)
+            .filter(|f| want(&f.verdict))
+            .map(|f| f.path.clone())
+            .collect()
+    };
+    let listed = |v: Vec<String>| {
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", v.join(", "))
+        }
+    };
+    let verdict = match report.outcome {
+        tandem_scan::Outcome::Clean => return Ok(()),
+        tandem_scan::Outcome::Infected => format!(
             "the pre-publish scan found malware in {}{}",
             a.file.display(),
-            if infected.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", infected.join(", "))
-            }
+            listed(files(|v| matches!(
+                v,
+                tandem_scan::Verdict::Infected { .. }
+            )))
         ),
-        Some(2) => {
-            if !global.quiet {
-                eprintln!(
-                    "warning: parts of {} could not be scanned (see `tandem scan image {}`); publishing anyway",
-                    a.file.display(),
-                    a.file.display()
-                );
-            }
-            return Ok(());
+        tandem_scan::Outcome::Incomplete => {
+            let vols: Vec<String> = report
+                .volumes
+                .iter()
+                .filter_map(|v| match &v.verdict {
+                    tandem_scan::Verdict::NotScanned { reason, detail } => {
+                        Some(format!("volume {} {}: {detail}", v.index, reason.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut what = files(|v| matches!(v, tandem_scan::Verdict::NotScanned { .. }));
+            what.extend(vols);
+            format!(
+                "parts of {} could not be scanned (see `tandem scan image {}`){}",
+                a.file.display(),
+                a.file.display(),
+                listed(what)
+            )
         }
-        _ => format!(
-            "the pre-publish scan of {} failed: {}",
-            a.file.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
     };
     if a.force {
         eprintln!("warning: {verdict}; publishing anyway because of --force");
@@ -392,21 +416,29 @@ fn publish(a: PublishArgs, global: &Global) -> anyhow::Result<u8> {
         chunk_size: a.chunk_size,
         keep_free_space: a.keep_free_space,
         version: a.version,
+        backing: a.backing.clone(),
         ..Default::default()
     };
+    // The image is opened, checked and read by a limited child process (the hidden
+    // `image publish-reader`): this process never parses it.
+    let exe =
+        std::env::current_exe().context("locating the tandem binary for the publish reader")?;
+    let reader: Vec<std::ffi::OsString> = vec![exe.into(), "image".into(), "publish-reader".into()];
     let progress = |done: u64, total: u64| {
         if let Some(b) = &pb {
             b.set_length(total);
             b.set_position(done);
         }
     };
-    let (_, _, report) = tandem_sync::publish(
+    let (_, _, report) = tandem_sync::publish::publish_isolated(
         &store,
         &cat,
         &keys.image,
         &a.name,
         &a.file,
         &opts,
+        &reader,
+        &tandem_sync::publish::ReaderLimits::default(),
         &progress,
     )
     .with_context(|| format!("publishing {} as {}", a.file.display(), a.name))?;

@@ -1,8 +1,9 @@
 //! `tandem scan`: scan VM disks for malware without booting them.
 //!
-//! `image FILE` scans a raw or qcow2 file (with its backing chain); `bundle sign` makes a
-//! signed rule bundle with the server's rules key; `worker` is the hidden per-volume child
-//! process (see `tandem_scan::isolate`).
+//! `image FILE` scans a raw or qcow2 file (with the backing files named by `--backing`);
+//! `bundle sign` makes a signed rule bundle with the server's rules key; `worker` is the
+//! hidden child process that opens and parses the disk (see `tandem_scan::isolate`): this
+//! process never parses an image itself.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ Docs: docs/scan.md (verdicts, limits, incremental state, rule bundles, blind spo
 #[derive(Debug, clap::Subcommand)]
 #[command(after_help = SCAN_HELP)]
 enum ScanCmd {
-    /// Scan a raw or qcow2 disk image file (qcow2 backing chains are followed).
+    /// Scan a raw or qcow2 disk image file (backing files only when named with --backing).
     #[command(after_help = SCAN_HELP)]
     Image(ImageArgs),
     /// Scan a stored image version, NAME@VERSION or NAME for the newest (server side).
@@ -96,6 +97,11 @@ struct LimitArgs {
 struct ImageArgs {
     /// The image file.
     file: PathBuf,
+    /// A backing file the image's qcow2 chain may use (repeatable). Only files named here
+    /// are ever opened, and only regular files that are not symlinks; an image naming
+    /// any other backing file is refused.
+    #[arg(long = "backing", value_name = "FILE")]
+    backing: Vec<PathBuf>,
     #[command(flatten)]
     rules: RuleArgs,
     #[command(flatten)]
@@ -187,10 +193,8 @@ pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
                 name: name.clone(),
                 version,
             };
-            let disk = open_source_any(&source)?;
             let target = format!("{name}@{version}");
             scan_view(
-                disk,
                 serde_json::to_value(&source)?,
                 &target,
                 &a.rules,
@@ -205,13 +209,11 @@ pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
                 user: rec.user.clone(),
                 seq: rec.seq,
             };
-            let disk = open_source_any(&source)?;
             let target = format!(
                 "backup {} #{} of {} (device {})",
                 rec.manifest.name, rec.seq, rec.user, rec.device
             );
             scan_view(
-                disk,
                 serde_json::to_value(&source)?,
                 &target,
                 &a.rules,
@@ -253,7 +255,16 @@ pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
             }))?;
             Ok(exit::SUCCESS)
         }
-        ScanCmd::Worker => Ok(tandem_scan::isolate::worker_main(open_source)),
+        ScanCmd::Worker => Ok(tandem_scan::isolate::worker_main(|source| {
+            // Test hook: hold the worker (limits and parent-death signal already set)
+            // so an end-to-end test can kill the parent and see the worker go too.
+            if std::env::var_os("TANDEM_TEST_SCAN_WORKER_HOLD").is_some() {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+            open_source(source)
+        })),
     }
 }
 
@@ -261,8 +272,12 @@ pub fn run(args: ScanArgs, global: &Global) -> anyhow::Result<u8> {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Source {
-    /// A raw or qcow2 file.
-    Image { path: PathBuf },
+    /// A raw or qcow2 file, and the backing files it may use.
+    Image {
+        path: PathBuf,
+        #[serde(default)]
+        backing: Vec<PathBuf>,
+    },
     /// A stored image version in a server data dir.
     Version {
         data: PathBuf,
@@ -284,10 +299,13 @@ fn open_source(v: &serde_json::Value) -> Result<Arc<dyn tandem_disk::ReadAt>, St
     open_source_any(&s).map_err(|e| format!("{e:#}"))
 }
 
-/// Opens any source as a disk view (in the parent, and again in each worker).
+/// Opens any source as a disk view (in a worker only: this parses untrusted bytes).
 fn open_source_any(s: &Source) -> anyhow::Result<Arc<dyn tandem_disk::ReadAt>> {
     match s {
-        Source::Image { path } => Ok(Arc::from(tandem_disk::open_image(path)?)),
+        Source::Image { path, backing } => {
+            let policy = tandem_disk::BackingPolicy::allow(backing)?;
+            Ok(Arc::from(tandem_disk::open_image_with(path, &policy)?))
+        }
         Source::Nbd { socket } => Ok(Arc::new(tandem_disk::NbdClient::connect(socket)?)),
         Source::Version {
             data,
@@ -346,7 +364,11 @@ fn find_backup(
     seq: Option<u64>,
 ) -> anyhow::Result<tandem_proto::backup::BackupRecord> {
     let store = Arc::new(tandem_store::Store::open(&data.join("store"))?);
-    let svc = tandem_server::backups::BackupService::new(data, store);
+    let vault = tandem_server::keys::EscrowVault::open(
+        data,
+        &tandem_server::keys::EscrowVault::default_key_file(data),
+    )?;
+    let svc = tandem_server::backups::BackupService::new(data, store, vault);
     let users: Vec<String> = match user {
         Some(u) => vec![u.to_string()],
         None => std::fs::read_dir(data.join("backups"))
@@ -488,33 +510,39 @@ fn scan_vm(mut a: VmArgs, global: &Global) -> anyhow::Result<u8> {
     for (i, disk) in spec.disks.iter().enumerate() {
         let target = format!("{} disk {} ({})", a.name, i, disk.path.display());
         // Disks our reader cannot open itself (LUKS-encrypted qcow2, overlays on an NBD
-        // base) are exported read-only by qemu-nbd, which decrypts with the VM's own key.
+        // base or on backing files) are exported read-only by qemu-nbd, which decrypts
+        // with the VM's own key. Which is which, a worker finds out: this process does
+        // not parse the disk.
+        let mut export = None;
         let direct = if disk.secret_file.is_some() {
             None
         } else {
-            tandem_disk::open_image(&disk.path).ok()
+            let source = serde_json::to_value(Source::Image {
+                path: disk.path.clone(),
+                backing: Vec::new(),
+            })?;
+            match scan_view_report(source, &target, &a.rules, &a.limits, global) {
+                Ok(done) => Some(Ok(done)),
+                Err(e)
+                    if e.downcast_ref::<tandem_scan::ScanError>()
+                        .is_some_and(|e| matches!(e, tandem_scan::ScanError::Open(_))) =>
+                {
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            }
         };
-        let mut export = None;
-        let opened: anyhow::Result<(Arc<dyn tandem_disk::ReadAt>, Source)> = match direct {
-            Some(view) => Ok((
-                Arc::from(view),
-                Source::Image {
-                    path: disk.path.clone(),
-                },
-            )),
+        let scanned = match direct {
+            Some(r) => r,
             None => QemuNbd::start(&disk.path, disk.secret_file.as_deref(), i).and_then(|q| {
                 let socket = q.socket.clone();
                 export = Some(q);
-                let view: Arc<dyn tandem_disk::ReadAt> =
-                    Arc::new(tandem_disk::NbdClient::connect(&socket)?);
-                Ok((view, Source::Nbd { socket }))
+                let source = serde_json::to_value(Source::Nbd { socket })?;
+                scan_view_report(source, &target, &a.rules, &a.limits, global)
             }),
         };
-        let code = match opened {
-            Ok((view, source)) => {
-                let source = serde_json::to_value(source)?;
-                let (code, report) =
-                    scan_view_report(view, source, &target, &a.rules, &a.limits, global)?;
+        let code = match scanned {
+            Ok((code, report)) => {
                 docs.push(serde_json::json!({ "disk": i, "path": disk.path, "report": report }));
                 code
             }
@@ -578,25 +606,23 @@ fn config(l: &LimitArgs) -> ScanConfig {
     }
 }
 
-/// Scans a disk view through workers and prints the report; returns the exit code.
+/// Scans a disk through workers and prints the report; returns the exit code.
 fn scan_view(
-    disk: Arc<dyn tandem_disk::ReadAt>,
     source: serde_json::Value,
     target: &str,
     rules: &RuleArgs,
     limits: &LimitArgs,
     global: &Global,
 ) -> anyhow::Result<u8> {
-    let (code, report) = scan_view_report(disk, source, target, rules, limits, global)?;
+    let (code, report) = scan_view_report(source, target, rules, limits, global)?;
     if limits.json {
         crate::output::print_json(&report)?;
     }
     Ok(code)
 }
 
-/// Scans a disk view through workers; prints the human report unless --json.
+/// Scans a disk through workers; prints the human report unless --json.
 fn scan_view_report(
-    disk: Arc<dyn tandem_disk::ReadAt>,
     source: serde_json::Value,
     target: &str,
     rules: &RuleArgs,
@@ -615,16 +641,9 @@ fn scan_view_report(
     };
     let exe = std::env::current_exe().context("locating the tandem binary for scan workers")?;
     let cmd: Vec<OsString> = vec![exe.into(), "scan".into(), "worker".into()];
-    let report = tandem_scan::isolate::scan_isolated(
-        disk,
-        &source,
-        target,
-        &engine,
-        &cfg,
-        &cmd,
-        state.as_mut(),
-    )
-    .with_context(|| format!("scanning {target}"))?;
+    let report =
+        tandem_scan::isolate::scan_isolated(&source, target, &engine, &cfg, &cmd, state.as_mut())
+            .with_context(|| format!("scanning {target}"))?;
     if let (Some(p), Some(s)) = (&limits.state, &state) {
         s.save(p)?;
     }
@@ -640,20 +659,62 @@ fn scan_view_report(
 }
 
 fn scan_image(a: ImageArgs, global: &Global) -> anyhow::Result<u8> {
-    let disk: Arc<dyn tandem_disk::ReadAt> = Arc::from(
-        tandem_disk::open_image(&a.file)
-            .with_context(|| format!("opening {}", a.file.display()))?,
-    );
-    let path = std::fs::canonicalize(&a.file).unwrap_or(a.file.clone());
-    let source = serde_json::to_value(Source::Image { path })?;
+    let source = serde_json::to_value(image_source(&a.file, &a.backing)?)?;
     scan_view(
-        disk,
         source,
         &a.file.display().to_string(),
         &a.rules,
         &a.limits,
         global,
     )
+}
+
+/// An image file for a worker: absolute paths (workers may run elsewhere), symlinks not
+/// resolved (a backing file named through a symlink must stay refused).
+fn image_source(file: &Path, backing: &[PathBuf]) -> anyhow::Result<Source> {
+    let abs =
+        |p: &Path| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
+    Ok(Source::Image {
+        path: abs(file)?,
+        backing: backing
+            .iter()
+            .map(|b| abs(b))
+            .collect::<anyhow::Result<_>>()?,
+    })
+}
+
+/// The scan `tandem image publish` runs first: `tandem scan image FILE --json` in this
+/// process's workers, with the server's signed rule bundle when there is one.
+pub(crate) fn scan_before_publish(
+    file: &Path,
+    backing: &[PathBuf],
+    bundle: Option<(PathBuf, String)>,
+    global: &Global,
+) -> anyhow::Result<Report> {
+    let (bundle, trust) = match bundle {
+        Some((b, t)) => (Some(b), Some(t)),
+        None => (None, None),
+    };
+    let rules = RuleArgs {
+        rules: Vec::new(),
+        blocklist: None,
+        bundle,
+        trust,
+    };
+    let d = ScanConfig::default();
+    let limits = LimitArgs {
+        max_file_size: d.max_file_size,
+        file_timeout: d.file_timeout_secs,
+        volume_timeout: d.volume_timeout_secs,
+        worker_memory: d.worker_memory_mib,
+        state: None,
+        all_files: false,
+        json: true,
+    };
+    let source = serde_json::to_value(image_source(file, backing)?)?;
+    let (_, report) =
+        scan_view_report(source, &file.display().to_string(), &rules, &limits, global)?;
+    Ok(report)
 }
 
 fn mib(b: u64) -> String {

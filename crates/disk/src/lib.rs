@@ -15,7 +15,9 @@
 //!   bitmaps and NTFS `$Bitmap` mark unused, inside any partition, plus a per-volume report.
 //!   It never claims a byte outside a filesystem it fully understood.
 //!
-//! Hostile input: every size and offset read from a disk is bounded before use (qcow2
+//! Hostile input: host files are opened only as [`open`] allows (the image the operator
+//! named, and backing files only when named too; never FIFOs, sockets or character
+//! devices, never blocking). Every size and offset read from a disk is bounded before use (qcow2
 //! tables ≤ 32 MiB, chains ≤ 16 deep, GPT ≤ 1024 entries, ≤ 128 logical partitions,
 //! bitmaps ≤ 256 MiB). Reads past the end of a view are errors, never zeros.
 //!
@@ -33,14 +35,17 @@
 #![deny(missing_docs)]
 
 pub mod nbd;
+pub mod open;
 pub mod partition;
 pub mod qcow2;
 pub mod unused;
 pub mod view;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 
 pub use nbd::NbdClient;
+pub use open::BackingPolicy;
 pub use partition::{detect_fs, volumes, FsKind, TableKind, Volume};
 pub use qcow2::Qcow2;
 pub use unused::{unused_ranges, UnusedMap, VolumeUsage};
@@ -83,6 +88,25 @@ pub enum DiskError {
         /// What was wrong.
         detail: String,
     },
+    /// A path names something that is not a disk image file (a FIFO, a device, a symlink
+    /// where none may be).
+    #[error("{path} is {kind}, not a disk image file; name a regular file (or a block device)")]
+    NotADiskFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: String,
+    },
+    /// An image names a backing file the operator did not allow.
+    #[error("{path} names the backing file {backing}, which is refused: {detail}")]
+    Backing {
+        /// The image whose header names it.
+        path: PathBuf,
+        /// The backing file, resolved against the image's directory.
+        backing: PathBuf,
+        /// Why it was refused, and what to do.
+        detail: String,
+    },
     /// The image is encrypted at the image level; we do not hold its key.
     #[error("{path} is an encrypted qcow2 image; scan it where it is attached decrypted (e.g. `tandem scan vm`), or decrypt a copy with `qemu-img convert`")]
     Encrypted {
@@ -115,13 +139,24 @@ pub enum DiskError {
     },
 }
 
-/// Opens a disk image file, raw or qcow2 (by its magic), with its backing chain.
+/// Opens a disk image file, raw or qcow2 (by its magic). A qcow2 that names a backing
+/// file is refused: see [`open_image_with`] and [`open`] for why and how to allow one.
 pub fn open_image(path: &Path) -> Result<Box<dyn ReadAt>, DiskError> {
-    open_image_at_depth(path, 0)
+    open_image_with(path, &BackingPolicy::none())
 }
 
-pub(crate) fn open_image_at_depth(path: &Path, depth: usize) -> Result<Box<dyn ReadAt>, DiskError> {
+/// Opens a disk image file with the backing files `policy` allows (and only those).
+pub fn open_image_with(path: &Path, policy: &BackingPolicy) -> Result<Box<dyn ReadAt>, DiskError> {
     let raw = RawFile::open(path)?;
+    open_raw_at_depth(raw, path, 0, policy)
+}
+
+pub(crate) fn open_raw_at_depth(
+    raw: RawFile,
+    path: &Path,
+    depth: usize,
+    policy: &BackingPolicy,
+) -> Result<Box<dyn ReadAt>, DiskError> {
     let mut magic = [0u8; 4];
     if raw.size() >= 4 {
         raw.read_at(&mut magic, 0)
@@ -132,7 +167,7 @@ pub(crate) fn open_image_at_depth(path: &Path, depth: usize) -> Result<Box<dyn R
             })?;
     }
     if magic == qcow2::MAGIC {
-        Ok(Box::new(Qcow2::open(path, depth)?))
+        Ok(Box::new(Qcow2::open_raw(raw, path, depth, policy)?))
     } else {
         Ok(Box::new(raw))
     }

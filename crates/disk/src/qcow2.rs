@@ -7,6 +7,7 @@
 //! qcow2 or a raw file) supplies the data, or zeros when there is none. Refcounts,
 //! snapshots and bitmaps are irrelevant to reading the active image and are ignored.
 //!
+//! Backing files are opened only as a [`BackingPolicy`] allows (see [`crate::open`]).
 //! Refused with a clear error: encryption (old AES or LUKS), external data files,
 //! extended L2 entries, zlib-compressed clusters (no deflate decoder in the tree; zstd
 //! ones are read), protocol backing files (`nbd:`, `json:`, URLs), chains deeper than
@@ -17,6 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::open::BackingPolicy;
 use crate::view::{check_bounds, RawFile, ReadAt};
 use crate::DiskError;
 
@@ -77,24 +79,30 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 impl Qcow2 {
-    /// Opens `path` and its backing chain. `depth` is how many overlays sit above it.
-    pub(crate) fn open(path: &Path, depth: usize) -> Result<Self, DiskError> {
-        let host: Arc<dyn ReadAt> = Arc::new(RawFile::open(path)?);
-        Self::open_on(host, path, depth, true)
+    /// Reads the qcow2 in the already opened `raw` (named `path`) and its backing chain,
+    /// as far as `policy` allows. `depth` is how many overlays sit above it.
+    pub(crate) fn open_raw(
+        raw: RawFile,
+        path: &Path,
+        depth: usize,
+        policy: &BackingPolicy,
+    ) -> Result<Self, DiskError> {
+        let host: Arc<dyn ReadAt> = Arc::new(raw);
+        Self::open_on(host, path, depth, Some(policy))
     }
 
     /// Reads a qcow2 whose bytes come from another view (e.g. a qcow2 file kept in the
     /// chunk store). `label` names it in errors. A backing file cannot be followed from
     /// there and is refused.
     pub fn open_view(host: Arc<dyn ReadAt>, label: &Path) -> Result<Self, DiskError> {
-        Self::open_on(host, label, 0, false)
+        Self::open_on(host, label, 0, None)
     }
 
     fn open_on(
         host: Arc<dyn ReadAt>,
         path: &Path,
         depth: usize,
-        allow_backing: bool,
+        policy: Option<&BackingPolicy>,
     ) -> Result<Self, DiskError> {
         let bad = |detail: String| DiskError::Qcow2 {
             path: path.to_path_buf(),
@@ -235,13 +243,19 @@ impl Qcow2 {
                 })?;
             let name = String::from_utf8(name)
                 .map_err(|_| bad("backing file name is not UTF-8".into()))?;
-            if !allow_backing {
+            let Some(policy) = policy else {
                 return Err(DiskError::Unsupported {
                     path: path.to_path_buf(),
                     detail: format!("this qcow2 names a backing file {name:?} that cannot be reached from where it is stored"),
                 });
-            }
-            Some(open_backing(path, &name, backing_format.as_deref(), depth)?)
+            };
+            Some(open_backing(
+                path,
+                &name,
+                backing_format.as_deref(),
+                depth,
+                policy,
+            )?)
         } else {
             None
         };
@@ -459,6 +473,7 @@ fn open_backing(
     name: &str,
     format: Option<&str>,
     depth: usize,
+    policy: &BackingPolicy,
 ) -> Result<Box<dyn ReadAt>, DiskError> {
     if name.contains("://") || name.starts_with("nbd:") || name.starts_with("json:") {
         return Err(DiskError::Unsupported {
@@ -478,13 +493,17 @@ fn open_backing(
     } else {
         overlay.parent().unwrap_or(Path::new(".")).join(p)
     };
-    match format {
-        Some("raw") => Ok(Box::new(RawFile::open(&full)?)),
-        Some("qcow2") => Ok(Box::new(Qcow2::open(&full, depth + 1)?)),
-        Some(other) => Err(DiskError::Unsupported {
+    if let Some(other) = format.filter(|f| !matches!(*f, "raw" | "qcow2")) {
+        return Err(DiskError::Unsupported {
             path: full,
             detail: format!("backing format {other:?} (raw and qcow2 are read)"),
-        }),
-        None => crate::open_image_at_depth(&full, depth + 1),
+        });
+    }
+    // Only a file the operator named, opened without following a symlink or blocking.
+    let raw = RawFile::from_file(policy.open(overlay, &full)?, &full)?;
+    match format {
+        Some("raw") => Ok(Box::new(raw)),
+        Some(_) => Ok(Box::new(Qcow2::open_raw(raw, &full, depth + 1, policy)?)),
+        None => crate::open_raw_at_depth(raw, &full, depth + 1, policy),
     }
 }

@@ -235,54 +235,80 @@ pub fn ext_unused(view: &dyn ReadAt) -> Result<Vec<Range<u64>>, String> {
     if !(32..=1024).contains(&desc_size) || (inode_size < 128) || inode_size > bs {
         return Err("descriptor or inode size out of range".into());
     }
+    // The inode bitmap is one block: more inodes per group than bits in a block is not a
+    // filesystem (and would make the inode tables' extent absurd).
+    if inodes_per_group == 0 || inodes_per_group > 8 * bs {
+        return Err(format!(
+            "{inodes_per_group} inodes per group does not fit a {bs}-byte inode bitmap"
+        ));
+    }
     let groups = (blocks - first_data).div_ceil(per_group);
     let gdt_blocks = (groups * desc_size).div_ceil(bs);
-    if groups * desc_size > MAX_BITMAP_BYTES {
-        return Err("too many block groups".into());
+    // Checked before any work: the descriptors and one bitmap block per group are all
+    // this reads, so bound them (a hostile image may claim exabytes of sparse disk).
+    if groups * desc_size > MAX_BITMAP_BYTES || groups.saturating_mul(bs) > MAX_BITMAP_BYTES {
+        return Err(format!(
+            "{groups} block groups of {bs}-byte bitmaps exceed the {} MiB bitmap limit",
+            MAX_BITMAP_BYTES >> 20
+        ));
     }
     let gdt = rd(view, (first_data + 1) * bs, (gdt_blocks * bs) as usize)?;
     let it_blocks = (inodes_per_group * inode_size).div_ceil(bs);
     struct Desc {
         bitmap: u64,
-        ibitmap: u64,
-        itable: u64,
         flags: u64,
     }
+    // Every group's bitmaps and inode table, as merged block ranges: what a group
+    // without a bitmap on disk (BLOCK_UNINIT) may contain besides superblock backups.
+    let mut meta: Vec<Range<u64>> = Vec::with_capacity(groups as usize * 3);
     let descs: Vec<Desc> = (0..groups)
         .map(|g| {
             let d = &gdt[(g * desc_size) as usize..((g + 1) * desc_size) as usize];
             let hi = |at: usize| if is64 { le32(d, at) << 32 } else { 0 };
+            let (bitmap, ibitmap, itable) = (
+                le32(d, 0) | hi(0x20),
+                le32(d, 4) | hi(0x24),
+                le32(d, 8) | hi(0x28),
+            );
+            meta.push(bitmap..bitmap.saturating_add(1));
+            meta.push(ibitmap..ibitmap.saturating_add(1));
+            meta.push(itable..itable.saturating_add(it_blocks));
             Desc {
-                bitmap: le32(d, 0) | hi(0x20),
-                ibitmap: le32(d, 4) | hi(0x24),
-                itable: le32(d, 8) | hi(0x28),
+                bitmap,
                 flags: le16(d, 0x12),
             }
         })
         .collect();
+    meta.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(meta.len());
+    for r in meta {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
     let mut out = Vec::new();
     for (g, d) in descs.iter().enumerate() {
         let g = g as u64;
         let gstart = first_data + g * per_group;
         let count = per_group.min(blocks - gstart);
+        let gend = gstart + count;
         let bitmap = if csum && d.flags & 0x2 != 0 {
-            // No bitmap on disk: rebuild it the way the kernel does.
+            // No bitmap on disk: rebuild it the way the kernel does. Work is bounded by
+            // the group's size: only the metadata ranges that overlap it are visited.
             let mut b = vec![0u8; bs as usize];
-            let mut mark = |blk: u64, n: u64| {
-                for x in blk..blk.saturating_add(n) {
-                    if x >= gstart && x < gstart + count {
-                        let i = x - gstart;
-                        b[(i / 8) as usize] |= 1 << (i % 8);
-                    }
+            let mut mark = |r: Range<u64>| {
+                for x in r.start.max(gstart)..r.end.min(gend) {
+                    let i = x - gstart;
+                    b[(i / 8) as usize] |= 1 << (i % 8);
                 }
             };
             if ext_has_super(g, sparse, sparse2) {
-                mark(gstart, 1 + gdt_blocks + reserved_gdt);
+                mark(gstart..gstart.saturating_add(1 + gdt_blocks + reserved_gdt));
             }
-            for o in &descs {
-                mark(o.bitmap, 1);
-                mark(o.ibitmap, 1);
-                mark(o.itable, it_blocks);
+            let first = merged.partition_point(|r| r.end <= gstart);
+            for r in merged[first..].iter().take_while(|r| r.start < gend) {
+                mark(r.clone());
             }
             b
         } else {

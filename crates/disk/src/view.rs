@@ -77,15 +77,22 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Opens `path` read-only. The size is taken once: a raw image must not change under a
-    /// reader (scan a snapshot or a powered-off VM).
+    /// Opens `path` read-only: a regular file or a block device (the path may be a
+    /// symlink the operator named). FIFOs, sockets and character devices are refused
+    /// before anything reads them, and the open itself never blocks (`O_NONBLOCK`), so
+    /// a hostile name cannot hang the reader. The size is taken once: a raw image must
+    /// not change under a reader (scan a snapshot or a powered-off VM).
     pub fn open(path: &Path) -> Result<Self, crate::DiskError> {
-        let io_err = |source| crate::DiskError::Open {
+        let file = crate::open::open_disk_file(path, crate::open::Follow::Yes)?;
+        Self::from_file(file, path)
+    }
+
+    /// Wraps a file already opened (and checked) by the caller.
+    pub(crate) fn from_file(file: std::fs::File, path: &Path) -> Result<Self, crate::DiskError> {
+        let size = file_size(&file).map_err(|source| crate::DiskError::Open {
             path: path.to_path_buf(),
             source,
-        };
-        let file = std::fs::File::open(path).map_err(io_err)?;
-        let size = file_size(&file).map_err(io_err)?;
+        })?;
         Ok(RawFile {
             file,
             size,

@@ -1,18 +1,20 @@
-//! Worker-process isolation: one child process per volume.
+//! Worker-process isolation: the parent never parses the disk.
 //!
-//! The parent lists volumes (with `tandem-disk`'s bounded table parsers), saves the
-//! compiled engine to a temp file, and runs the worker command once per volume. The
-//! worker reads one JSON [`WorkerRequest`] on stdin, sets its own rlimits **before**
-//! touching the disk (data segment = memory cap, CPU seconds, no core dumps), opens the
-//! view from the request's `source` (interpreted by the binary, so any view — image
-//! file, stored version — works), scans the volume and writes one JSON
-//! [`WorkerResponse`] on stdout. The parent enforces a wall-clock timeout and turns a
-//! killed, crashed or silent worker into `not_scanned` for that volume only.
+//! The parent saves the compiled engine to a temp file and runs the worker command once
+//! to read the disk's layout (open the source, size, partition table), then once per
+//! volume. A worker reads one JSON [`WorkerRequest`] on stdin, asks the kernel to kill it
+//! when its parent dies ([`tandem_disk::worker::die_with_parent`]), sets its own rlimits
+//! **before** touching the disk (data segment = memory cap, CPU seconds, no core dumps),
+//! opens the view from the request's `source` (interpreted by the binary, so any view —
+//! image file, stored version — works), does its task and writes one JSON
+//! [`WorkerResponse`] on stdout. The parent enforces a wall-clock timeout; a killed,
+//! crashed or silent volume worker makes that volume `not_scanned`, and a layout worker
+//! that fails makes the scan an error ([`ScanError::Open`]): nothing hostile is parsed in
+//! the parent, which may itself be a long-lived process (publish, the server).
 
 use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -30,23 +32,54 @@ use crate::{ScanConfig, ScanError};
 pub struct WorkerRequest {
     /// How to open the disk; meaning is up to the binary's `open` function.
     pub source: serde_json::Value,
-    /// The volume to scan.
-    pub volume: Volume,
+    /// The parent's pid: the worker stops if it is no longer its parent.
+    pub parent: u32,
     /// Limits.
     pub config: ScanConfig,
-    /// Compiled engine file ([`Engine::save`]).
-    pub engine: std::path::PathBuf,
-    /// The volume's state from the last scan.
-    pub state: Option<VolumeState>,
+    /// What to do.
+    pub task: Task,
+}
+
+/// A worker's one job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Task {
+    /// Open the disk and list its volumes.
+    Layout,
+    /// Scan one volume.
+    Volume {
+        /// The volume to scan.
+        volume: Volume,
+        /// Compiled engine file ([`Engine::save`]).
+        engine: std::path::PathBuf,
+        /// The volume's state from the last scan.
+        state: Option<VolumeState>,
+    },
 }
 
 /// What a worker answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerResponse {
-    /// The volume's result.
-    pub result: VolumeResult,
-    /// Its new incremental state.
-    pub state: VolumeState,
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WorkerResponse {
+    /// The disk's size and volumes.
+    Layout {
+        /// Disk size in bytes.
+        size: u64,
+        /// Its volumes.
+        volumes: Vec<Volume>,
+    },
+    /// The disk could not be opened or its partition table read.
+    Refused {
+        /// Why, for people.
+        detail: String,
+    },
+    /// One volume's scan.
+    Volume {
+        /// The volume's result.
+        result: VolumeResult,
+        /// Its new incremental state.
+        state: VolumeState,
+    },
 }
 
 fn failed(vol: &Volume, reason: Reason, detail: String) -> VolumeResult {
@@ -63,11 +96,10 @@ fn failed(vol: &Volume, reason: Reason, detail: String) -> VolumeResult {
     }
 }
 
-/// Scans every volume of `disk`, each in its own worker process started as `worker_cmd`.
-/// `state`, when given, is read for skipping and updated with the new scan.
-#[allow(clippy::too_many_arguments)]
+/// Scans every volume of the disk `source` names, each in its own worker process started
+/// as `worker_cmd` (after one worker reads the layout). `state`, when given, is read for
+/// skipping and updated with the new scan.
 pub fn scan_isolated(
-    disk: Arc<dyn ReadAt>,
     source: &serde_json::Value,
     target: &str,
     engine: &Engine,
@@ -76,7 +108,22 @@ pub fn scan_isolated(
     mut state: Option<&mut ScanState>,
 ) -> Result<Report, ScanError> {
     let started = Instant::now();
-    let vols = tandem_disk::volumes(&*disk)?;
+    let layout = WorkerRequest {
+        source: source.clone(),
+        parent: std::process::id(),
+        config: cfg.clone(),
+        task: Task::Layout,
+    };
+    let (size, vols) = match run_worker(worker_cmd, &layout)? {
+        Ok(WorkerResponse::Layout { size, volumes }) => (size, volumes),
+        Ok(WorkerResponse::Refused { detail }) => return Err(ScanError::Open(detail)),
+        Ok(WorkerResponse::Volume { .. }) => {
+            return Err(ScanError::Open(
+                "the layout worker answered with a volume".into(),
+            ))
+        }
+        Err((_, detail)) => return Err(ScanError::Open(detail)),
+    };
     let dir = tempfile::tempdir().map_err(|source| ScanError::Io {
         path: std::env::temp_dir(),
         source,
@@ -88,18 +135,29 @@ pub fn scan_isolated(
         let key = ScanState::key(vol);
         let req = WorkerRequest {
             source: source.clone(),
-            volume: vol.clone(),
+            parent: std::process::id(),
             config: cfg.clone(),
-            engine: engine_path.clone(),
-            state: state.as_ref().and_then(|s| s.volumes.get(&key).cloned()),
+            task: Task::Volume {
+                volume: vol.clone(),
+                engine: engine_path.clone(),
+                state: state.as_ref().and_then(|s| s.volumes.get(&key).cloned()),
+            },
         };
         match run_worker(worker_cmd, &req)? {
-            Ok(resp) => {
+            Ok(WorkerResponse::Volume { result, state: st }) => {
                 if let Some(s) = state.as_deref_mut() {
-                    s.volumes.insert(key, resp.state);
+                    s.volumes.insert(key, st);
                 }
-                results.push(resp.result);
+                results.push(result);
             }
+            Ok(WorkerResponse::Refused { detail }) => {
+                results.push(failed(vol, Reason::ReadError, detail));
+            }
+            Ok(WorkerResponse::Layout { .. }) => results.push(failed(
+                vol,
+                Reason::WorkerFailed,
+                "the scan worker answered with a layout".into(),
+            )),
             Err((reason, detail)) => {
                 tracing::warn!(volume = vol.index, %detail, "scan worker failed");
                 results.push(failed(vol, reason, detail));
@@ -108,7 +166,7 @@ pub fn scan_isolated(
     }
     Ok(Report::new(
         target.to_string(),
-        disk.size(),
+        size,
         engine.info().clone(),
         results,
         started.elapsed().as_millis() as u64,
@@ -197,21 +255,16 @@ fn run_worker(cmd: &[OsString], req: &WorkerRequest) -> Result<WorkerOutcome, Sc
     }))
 }
 
-/// Sets this process's limits: data segment (heap and anonymous maps) to `memory_mib`,
-/// CPU time to `cpu_secs`, no core dumps.
+/// Sets this process's limits (see [`tandem_disk::worker::limit_self`]).
 pub fn limit_self(memory_mib: u64, cpu_secs: u64) -> std::io::Result<()> {
-    use nix::sys::resource::{setrlimit, Resource};
-    let to_io = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
-    let mem = memory_mib.saturating_mul(1 << 20);
-    setrlimit(Resource::RLIMIT_DATA, mem, mem).map_err(to_io)?;
-    setrlimit(Resource::RLIMIT_CPU, cpu_secs, cpu_secs.saturating_add(5)).map_err(to_io)?;
-    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(to_io)?;
-    Ok(())
+    tandem_disk::worker::limit_self(memory_mib, cpu_secs)
 }
 
-/// The worker's main: read the request, limit itself, open the view with `open`, scan,
-/// answer. Returns the process exit code.
-pub fn worker_main(open: impl FnOnce(&serde_json::Value) -> Result<Arc<dyn ReadAt>, String>) -> u8 {
+/// The worker's main: read the request, tie its life to the parent's, limit itself, open
+/// the view with `open`, do the task, answer. Returns the process exit code.
+pub fn worker_main(
+    open: impl FnOnce(&serde_json::Value) -> Result<std::sync::Arc<dyn ReadAt>, String>,
+) -> u8 {
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
         eprintln!("scan worker: cannot read request: {e}");
@@ -224,26 +277,50 @@ pub fn worker_main(open: impl FnOnce(&serde_json::Value) -> Result<Arc<dyn ReadA
             return 3;
         }
     };
+    if let Err(e) = tandem_disk::worker::die_with_parent(req.parent) {
+        eprintln!("scan worker: {e}");
+        return 3;
+    }
     if let Err(e) = limit_self(req.config.worker_memory_mib, req.config.worker_cpu_secs) {
         eprintln!("scan worker: cannot set limits: {e}");
         return 3;
     }
-    let engine = match Engine::load(&req.engine) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("scan worker: {e}");
-            return 3;
-        }
-    };
-    let resp = match open(&req.source) {
-        Err(e) => WorkerResponse {
-            result: failed(&req.volume, Reason::ReadError, e),
-            state: VolumeState::default(),
+    let resp = match req.task {
+        Task::Layout => match open(&req.source) {
+            Err(detail) => WorkerResponse::Refused { detail },
+            Ok(disk) => match tandem_disk::volumes(&*disk) {
+                Ok(volumes) => WorkerResponse::Layout {
+                    size: disk.size(),
+                    volumes,
+                },
+                Err(e) => WorkerResponse::Refused {
+                    detail: format!("cannot read the disk layout: {e}"),
+                },
+            },
         },
-        Ok(disk) => {
-            let (result, state) =
-                scan_volume(disk, &req.volume, &engine, &req.config, req.state.as_ref());
-            WorkerResponse { result, state }
+        Task::Volume {
+            volume,
+            engine,
+            state,
+        } => {
+            let engine = match Engine::load(&engine) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("scan worker: {e}");
+                    return 3;
+                }
+            };
+            match open(&req.source) {
+                Err(e) => WorkerResponse::Volume {
+                    result: failed(&volume, Reason::ReadError, e),
+                    state: VolumeState::default(),
+                },
+                Ok(disk) => {
+                    let (result, state) =
+                        scan_volume(disk, &volume, &engine, &req.config, state.as_ref());
+                    WorkerResponse::Volume { result, state }
+                }
+            }
         }
     };
     let out = serde_json::to_vec(&resp).expect("plain data serializes");

@@ -14,8 +14,9 @@
 //! - Limits: per-file size cap, rule-engine timeout per file, time budget per volume
 //!   ([`ScanConfig`]); third-party parser panics fail one file or one volume. In
 //!   [`isolate`], each volume is scanned by a child process (the `tandem` binary's hidden
-//!   `scan worker`) under memory and CPU rlimits and a wall-clock timeout, so a hostile
-//!   filesystem can at worst fail its own volume's scan.
+//!   `scan worker`) under memory and CPU rlimits and a wall-clock timeout, killed with
+//!   its parent, so a hostile filesystem can at worst fail its own volume's scan; the
+//!   disk's format and partition table are read by a worker too, never by the parent.
 //! - Incremental ([`state`]): a file is skipped (rule matching only) when the previous
 //!   clean scan under the same rules digest saw the same path, file id (NTFS MFT record),
 //!   size, mtime **and BLAKE3 hash of its content**. Content is always read and hashed: a guest
@@ -128,6 +129,10 @@ pub enum ScanError {
         /// What was wrong.
         detail: String,
     },
+    /// The disk could not be opened or its layout read (in the layout worker): a refused
+    /// backing file, a FIFO, a damaged partition table, a worker that was killed.
+    #[error("cannot open the disk: {0}")]
+    Open(String),
     /// A scan worker could not be started.
     #[error("cannot start the scan worker {exe}: {source}")]
     Worker {

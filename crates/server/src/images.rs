@@ -33,7 +33,7 @@ use tandem_proto::manifest::{
     ChunkList, ChunkRequest, ChunkStat, ImageInfo, Manifest, ManifestDelta, CHUNK_FRAME_HEADER,
     MAX_CHUNKS_PER_REQUEST,
 };
-use tandem_proto::{ChunkId, PublicKey, SigningKey};
+use tandem_proto::{ChunkId, PublicKey};
 use tandem_store::Store;
 use tandem_sync::{Catalog, SyncError};
 
@@ -97,7 +97,6 @@ pub enum ImageServiceError {
 pub struct ImageService {
     store: Arc<Store>,
     catalog: Catalog,
-    key: SigningKey,
     trusted: Vec<PublicKey>,
     access: Arc<dyn ImageAccess>,
     chunk_sets: Mutex<HashMap<(String, u64), ChunkSet>>,
@@ -129,7 +128,6 @@ impl ImageService {
         Ok(Arc::new(ImageService {
             store,
             catalog: Catalog::new(&data.join("images")),
-            key: keys.image,
             trusted,
             access,
             chunk_sets: Mutex::new(HashMap::new()),
@@ -361,10 +359,7 @@ pub fn routes(service: Arc<ImageService>) -> Router {
     Router::new()
         .route("/v1/images", get(list_images))
         .route("/v1/images/{name}", get(image_versions))
-        .route(
-            "/v1/images/{name}/{version}/manifest",
-            get(get_manifest).put(put_manifest),
-        )
+        .route("/v1/images/{name}/{version}/manifest", get(get_manifest))
         .route("/v1/images/{name}/{version}/delta", get(get_delta))
         .route("/v1/chunks/fetch", post(fetch_chunks))
         .route("/v1/chunks/stat", post(stat_chunks))
@@ -447,67 +442,6 @@ async fn get_manifest(
         let (m, s) = svc.manifest(&name, version)?;
         let (base, _) = svc.manifest(&name, a)?;
         Ok(Json(ManifestDelta::compute(&base, &m, &s)).into_response())
-    })
-    .await
-}
-
-async fn put_manifest(
-    State(svc): Svc,
-    c: MaybeCaller,
-    UrlPath((name, version)): UrlPath<(String, u64)>,
-    Json(m): Json<Manifest>,
-) -> Result<Json<tandem_proto::Signed>, ApiError> {
-    if caller(c)? != Caller::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only admins commit manifests",
-        ));
-    }
-    let bad = |msg: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_manifest", msg);
-    m.validate().map_err(|e| bad(e.to_string()))?;
-    if m.name != name || m.version != version {
-        return Err(bad(format!(
-            "body is {} v{}, path is {name} v{version}",
-            m.name, m.version
-        )));
-    }
-    blocking(move || {
-        let _lock = svc.catalog.lock_image(&name).map_err(ApiError::from_sync)?;
-        if svc
-            .catalog
-            .versions(&name)
-            .map_err(ApiError::from_sync)?
-            .contains(&version)
-        {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "version_exists",
-                format!("{name} v{version} exists; versions are immutable"),
-            ));
-        }
-        let ids: Vec<ChunkId> = m.chunk_set().into_iter().collect();
-        // Held from the completeness check until the manifest is saved: a GC (which locks
-        // before it marks) cannot sweep these chunks in between.
-        let _ingest = svc
-            .store
-            .ingest_guard()
-            .map_err(|e| ApiError::internal(&e))?;
-        let have = svc
-            .store
-            .contains_many(&ids)
-            .map_err(|e| ApiError::internal(&e))?;
-        let missing = have.iter().filter(|h| !**h).count();
-        if missing > 0 {
-            return Err(bad(format!(
-                "{missing} chunks are not uploaded yet; upload them first"
-            )));
-        }
-        let signed = m.sign(&svc.key);
-        svc.catalog
-            .save(&m, &signed)
-            .map_err(|e| ApiError::internal(&e))?;
-        Ok(Json(signed))
     })
     .await
 }
@@ -796,6 +730,18 @@ mod tests {
         }
     }
 
+    /// The image-signing key of the data dir `svc` serves.
+    fn image_key(svc: &ImageService) -> tandem_proto::SigningKey {
+        let data = svc
+            .catalog
+            .root()
+            .parent()
+            .expect("catalog inside the data dir");
+        crate::keys::ServerKeys::load_or_create(data)
+            .expect("server keys")
+            .image
+    }
+
     fn chunk(i: u8) -> (ChunkId, Vec<u8>) {
         let d = vec![i; 4096];
         (ChunkId::of(&d), d)
@@ -813,7 +759,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn uploads_are_verified_and_manifests_committed_by_admins_only() {
+    async fn uploads_are_verified_and_no_manifest_is_committed_over_http() {
         let d = tempfile::tempdir().expect("tempdir");
         let svc = ImageService::open(d.path(), Arc::new(OnlyV1)).expect("open");
         let admin = Client::new(
@@ -846,25 +792,19 @@ mod tests {
             vec![b]
         );
 
-        // Only admins commit manifests, and only when every chunk is stored.
+        // No manifest is committed over HTTP, by anyone: a version exists only through
+        // `tandem image publish`, which opens the image in a limited reader (backing files
+        // only when named) and scans it first. The route that signed any admin-uploaded
+        // chunk list (and so skipped both) is gone.
         let m = manifest(1, &[a, b]);
-        let put = |c: &Client, m: &Manifest| {
-            let (c, m) = (c.clone(), m.clone());
-            async move {
-                match c.commit_manifest(&m).await {
-                    Ok(_) => 200,
-                    Err(e) => status(e),
-                }
-            }
-        };
-        assert_eq!(put(&device, &m).await, 403);
-        assert_eq!(put(&admin, &m).await, 422, "chunk b is not uploaded yet");
         admin.upload_chunk(b, db).await.expect("upload");
-        assert_eq!(put(&admin, &m).await, 200);
-        assert_eq!(put(&admin, &m).await, 409, "versions are immutable");
-        let signed = device.manifest("gold", 1).await.expect("manifest");
-        let back = Manifest::verify(&signed, &svc.trusted).expect("signed by the image key");
-        assert_eq!(back, m);
+        for c in [&device, &admin] {
+            match c.commit_manifest(&m).await {
+                Err(SyncError::Status { status, .. }) => assert_eq!(status, 405),
+                other => panic!("a manifest upload was not refused: {other:?}"),
+            }
+        }
+        assert!(svc.catalog.versions("gold").expect("versions").is_empty());
     }
 
     /// Lets devices read only `gold` v2 (as if v2 were assigned and v1 never was).
@@ -891,7 +831,9 @@ mod tests {
             .expect("put");
         for (v, ids) in [(1, vec![a]), (2, vec![a, b]), (3, vec![b])] {
             let m = manifest(v, &ids);
-            svc.catalog.save(&m, &m.sign(&svc.key)).expect("save");
+            svc.catalog
+                .save(&m, &m.sign(&image_key(&svc)))
+                .expect("save");
         }
         let device = Client::new(
             &start(svc.clone(), Some(Caller::Device("d1".into()))).await,
@@ -958,7 +900,9 @@ mod tests {
             .expect("put");
         for (v, ids) in [(1, vec![a]), (2, vec![a, b])] {
             let m = manifest(v, &ids);
-            svc.catalog.save(&m, &m.sign(&svc.key)).expect("save");
+            svc.catalog
+                .save(&m, &m.sign(&image_key(&svc)))
+                .expect("save");
         }
         let device = Client::new(
             &start(svc.clone(), Some(Caller::Device("d1".into()))).await,

@@ -10,10 +10,27 @@
 //! Free space never travels: unless told to keep it, blocks that an ext2/3/4 or NTFS
 //! filesystem (also inside MBR/GPT partitions) marks unused are read as zeros
 //! (`tandem_disk::unused_ranges`), so deleted data is never stored or shipped.
+//!
+//! The image is untrusted input (a qcow2 header names files, a filesystem's metadata
+//! drives loops). [`publish_isolated`], what the CLI uses, never parses it in the
+//! publishing process: a reader child ([`reader_main`], the binary's hidden
+//! `image publish-reader`) opens the image under the caller's [`BackingPolicy`] (backing
+//! files only when named, never a FIFO or device, never blocking), checks its size
+//! before any work, reads the allocation maps, and streams the guest-visible bytes
+//! (unused blocks already zeroed) over a pipe. The reader dies with its parent (parent
+//! death signal), runs under memory and CPU-time limits, and is killed when its stream
+//! stalls. The stream: an 8-byte little-endian length, a JSON [`ReaderHeader`], then
+//! exactly `size` bytes; anything short of that fails the publish before the commit.
+//! [`publish`] does the same work in-process, for trusted inputs and tests.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::ffi::OsString;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_disk::BackingPolicy;
 
 use tandem_disk::{ReadAt, UnusedMap};
 use tandem_proto::manifest::{validate_name, Manifest, MANIFEST_FORMAT};
@@ -35,6 +52,8 @@ pub struct PublishOptions {
     pub version: Option<u64>,
     /// Worker threads.
     pub threads: usize,
+    /// Backing files the image's qcow2 chain may use (only these are ever opened).
+    pub backing: Vec<PathBuf>,
 }
 
 impl Default for PublishOptions {
@@ -44,6 +63,7 @@ impl Default for PublishOptions {
             keep_free_space: false,
             version: None,
             threads: IngestOptions::default().threads,
+            backing: Vec::new(),
         }
     }
 }
@@ -174,7 +194,8 @@ pub fn check_disk_image(path: &Path) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Publishes `path` as the next version of `name`.
+/// Publishes `path` as the next version of `name`, parsing the image in this process
+/// (trusted inputs and tests; the CLI uses [`publish_isolated`]).
 pub fn publish(
     store: &Store,
     catalog: &Catalog,
@@ -186,17 +207,100 @@ pub fn publish(
 ) -> Result<(Manifest, Signed, PublishReport), SyncError> {
     let start = Instant::now();
     validate_name(name)?;
+    let prepared = prepare(path, &opts.backing, opts.keep_free_space)?;
+    let src = DiskSource {
+        disk: prepared.disk,
+        unused: prepared.unused,
+    };
+    commit(
+        store,
+        catalog,
+        key,
+        name,
+        &src,
+        prepared.header,
+        opts,
+        start,
+        progress,
+        &mut || Ok(()),
+    )
+}
+
+/// What the reader says before the bytes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReaderHeader {
+    /// Guest-visible size in bytes: exactly this many bytes follow.
+    pub size: u64,
+    /// Bytes zeroed as unused filesystem space.
+    pub free_space_dropped: u64,
+    /// Per-volume notes on free-space detection.
+    pub volumes: Vec<String>,
+}
+
+/// What the publishing process asks its reader (JSON on the reader's stdin).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaderRequest {
+    /// The image.
+    pub path: PathBuf,
+    /// Backing files it may use.
+    pub backing: Vec<PathBuf>,
+    /// Keep unused filesystem blocks as they are.
+    pub keep_free_space: bool,
+    /// The parent's pid (the reader stops when it is no longer its parent).
+    pub parent: u32,
+    /// Data-segment limit, MiB.
+    pub memory_mib: u64,
+    /// CPU-time limit, seconds.
+    pub cpu_secs: u64,
+}
+
+/// Limits of the publish reader.
+#[derive(Debug, Clone)]
+pub struct ReaderLimits {
+    /// Data-segment limit, MiB (qcow2 tables ≤ 64 MiB, bitmaps ≤ 256 MiB, the map).
+    pub memory_mib: u64,
+    /// CPU-time limit, seconds.
+    pub cpu_secs: u64,
+    /// The reader is killed when no byte arrives for this long (wall clock).
+    pub stall_secs: u64,
+}
+
+impl Default for ReaderLimits {
+    fn default() -> Self {
+        ReaderLimits {
+            memory_mib: 2048,
+            cpu_secs: 4 * 3600,
+            stall_secs: 600,
+        }
+    }
+}
+
+struct Prepared {
+    disk: Arc<dyn ReadAt>,
+    unused: Option<UnusedMap>,
+    header: ReaderHeader,
+}
+
+/// Opens the image under the backing policy, checks its size, reads its allocation maps.
+fn prepare(path: &Path, backing: &[PathBuf], keep_free_space: bool) -> Result<Prepared, SyncError> {
+    let not = |reason: String| SyncError::NotADiskImage {
+        path: path.to_path_buf(),
+        reason,
+    };
     check_disk_image(path)?;
+    let policy = BackingPolicy::allow(backing).map_err(|e| not(e.to_string()))?;
     let disk: Arc<dyn ReadAt> =
-        Arc::from(
-            tandem_disk::open_image(path).map_err(|e| SyncError::NotADiskImage {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?,
-        );
-    let total = disk.size();
+        Arc::from(tandem_disk::open_image_with(path, &policy).map_err(|e| not(e.to_string()))?);
+    let size = disk.size();
+    if size > tandem_proto::manifest::MAX_IMAGE_SIZE {
+        return Err(not(format!(
+            "its virtual size ({size} bytes) exceeds the {} TiB image limit",
+            tandem_proto::manifest::MAX_IMAGE_SIZE >> 40
+        )));
+    }
     let mut notes = Vec::new();
-    let unused = if opts.keep_free_space {
+    let unused = if keep_free_space {
         None
     } else {
         match tandem_disk::unused_ranges(disk.clone()) {
@@ -222,8 +326,329 @@ pub fn publish(
         }
     };
     let free_space_dropped = unused.as_ref().map(|m| m.unused_bytes()).unwrap_or(0);
-    let src = DiskSource { disk, unused };
+    Ok(Prepared {
+        disk,
+        unused,
+        header: ReaderHeader {
+            size,
+            free_space_dropped,
+            volumes: notes,
+        },
+    })
+}
 
+/// The reader process's main: read the request on stdin, tie its life to the parent's,
+/// limit itself, open and map the image, stream it to stdout. Returns the exit code.
+pub fn reader_main() -> u8 {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("publish reader: cannot read request: {e}");
+        return 3;
+    }
+    let req: ReaderRequest = match serde_json::from_slice(&input) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("publish reader: bad request: {e}");
+            return 3;
+        }
+    };
+    if let Err(e) = tandem_disk::worker::die_with_parent(req.parent) {
+        eprintln!("publish reader: {e}");
+        return 3;
+    }
+    if let Err(e) = tandem_disk::worker::limit_self(req.memory_mib, req.cpu_secs) {
+        eprintln!("publish reader: cannot set limits: {e}");
+        return 3;
+    }
+    let p = match prepare(&req.path, &req.backing, req.keep_free_space) {
+        Ok(p) => p,
+        Err(SyncError::NotADiskImage { reason, .. }) => {
+            eprintln!("{reason}");
+            return 3;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return 3;
+        }
+    };
+    let header = serde_json::to_vec(&p.header).expect("plain data serializes");
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    let sent = (|| -> std::io::Result<()> {
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        let size = p.header.size;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0u64;
+        while off < size {
+            let n = (buf.len() as u64).min(size - off) as usize;
+            p.disk.read_at(&mut buf[..n], off)?;
+            if let Some(m) = &p.unused {
+                m.zero_unused(&mut buf[..n], off);
+            }
+            out.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        out.flush()
+    })();
+    match sent {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("publish reader: cannot read {}: {e}", req.path.display());
+            3
+        }
+    }
+}
+
+/// The bytes of a reader's stream, read strictly in order (as ingest reads).
+struct StreamSource {
+    size: u64,
+    pipe: Mutex<(std::process::ChildStdout, u64)>,
+    received: Arc<AtomicU64>,
+}
+
+impl Source for StreamSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let mut g = self
+            .pipe
+            .lock()
+            .map_err(|_| std::io::Error::other("publish reader stream lock poisoned"))?;
+        if offset != g.1 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("stream read at {offset}, but the stream is at {}", g.1),
+            ));
+        }
+        g.0.read_exact(buf).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("the publish reader stopped at byte {offset}: {e}"),
+            )
+        })?;
+        g.1 += buf.len() as u64;
+        self.received.store(g.1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Publishes `path` as the next version of `name`, the image read by a reader child
+/// process started as `reader_cmd` (see the module doc).
+#[allow(clippy::too_many_arguments)]
+pub fn publish_isolated(
+    store: &Store,
+    catalog: &Catalog,
+    key: &SigningKey,
+    name: &str,
+    path: &Path,
+    opts: &PublishOptions,
+    reader_cmd: &[OsString],
+    limits: &ReaderLimits,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<(Manifest, Signed, PublishReport), SyncError> {
+    use std::process::{Command, Stdio};
+    let start = Instant::now();
+    validate_name(name)?;
+    let io = |source: std::io::Error| SyncError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let exe = reader_cmd.first().cloned().unwrap_or_default();
+    let req = ReaderRequest {
+        path: path.to_path_buf(),
+        backing: opts.backing.clone(),
+        keep_free_space: opts.keep_free_space,
+        parent: std::process::id(),
+        memory_mib: limits.memory_mib,
+        cpu_secs: limits.cpu_secs,
+    };
+    let mut child = Command::new(&exe)
+        .args(&reader_cmd[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            io(std::io::Error::new(
+                e.kind(),
+                format!("cannot start the publish reader {exe:?}: {e}"),
+            ))
+        })?;
+    let input = serde_json::to_vec(&req).expect("plain data serializes");
+    let mut stdin = child.stdin.take().expect("stdin was piped");
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let mut stderr = child.stderr.take().expect("stderr was piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        b
+    });
+    let mut stdout = child.stdout.take().expect("stdout was piped");
+    let reader = ReaderChild {
+        child: Arc::new(Mutex::new(child)),
+        err: Mutex::new(Some(err_reader)),
+        stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        done: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    // Watchdog: a reader whose stream does not move for `stall_secs` is killed.
+    let received = Arc::new(AtomicU64::new(0));
+    let watchdog = {
+        let (child, received, done, stalled) = (
+            reader.child.clone(),
+            received.clone(),
+            reader.done.clone(),
+            reader.stalled.clone(),
+        );
+        let stall = Duration::from_secs(limits.stall_secs);
+        std::thread::spawn(move || {
+            let (mut last, mut since) = (u64::MAX, Instant::now());
+            while !done.load(Ordering::Relaxed) {
+                let now = received.load(Ordering::Relaxed);
+                if now != last {
+                    (last, since) = (now, Instant::now());
+                } else if since.elapsed() >= stall {
+                    stalled.store(true, Ordering::Relaxed);
+                    if let Ok(mut c) = child.lock() {
+                        let _ = c.kill();
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let header = (|| -> std::io::Result<ReaderHeader> {
+        let mut len = [0u8; 8];
+        stdout.read_exact(&mut len)?;
+        let len = u64::from_le_bytes(len);
+        if len > 16 << 20 {
+            return Err(std::io::Error::other("header too long"));
+        }
+        let mut h = vec![0u8; len as usize];
+        stdout.read_exact(&mut h)?;
+        serde_json::from_slice(&h).map_err(std::io::Error::other)
+    })();
+    let _ = writer.join();
+    let result = match header {
+        Err(e) => Err(reader
+            .finish(path, limits, false)
+            .err()
+            .unwrap_or_else(|| io(std::io::Error::other(format!("bad reader header: {e}"))))),
+        Ok(header) => {
+            let src = StreamSource {
+                size: header.size,
+                pipe: Mutex::new((stdout, 0)),
+                received: received.clone(),
+            };
+            let mut check = || reader.finish(path, limits, true);
+            let r = commit(
+                store, catalog, key, name, &src, header, opts, start, progress, &mut check,
+            );
+            match r {
+                // The stream ended early: the reader is exiting; its own words say why.
+                Err(SyncError::Store(tandem_store::StoreError::Read { .. })) => {
+                    Err(reader.finish(path, limits, false).err().unwrap_or_else(|| {
+                        io(std::io::Error::other(
+                            "the publish reader's stream ended early",
+                        ))
+                    }))
+                }
+                Err(e) => {
+                    // The reader may be blocked writing to a pipe nobody reads any more.
+                    if let Ok(mut c) = reader.child.lock() {
+                        let _ = c.kill();
+                    }
+                    let _ = reader.finish(path, limits, false);
+                    Err(e)
+                }
+                ok => ok,
+            }
+        }
+    };
+    reader.done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    result
+}
+
+/// The running reader process, its stderr and the watchdog's flags.
+struct ReaderChild {
+    child: Arc<Mutex<std::process::Child>>,
+    err: Mutex<Option<std::thread::JoinHandle<Vec<u8>>>>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReaderChild {
+    /// Waits for the reader (the watchdog still armed) and says how it ended.
+    fn finish(&self, path: &Path, limits: &ReaderLimits, ok_so_far: bool) -> Result<(), SyncError> {
+        let io = |source: std::io::Error| SyncError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let status = loop {
+            let polled = self
+                .child
+                .lock()
+                .map_err(|_| io(std::io::Error::other("publish reader lock poisoned")))?
+                .try_wait()
+                .map_err(io)?;
+            match polled {
+                Some(s) => break s,
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        self.done.store(true, Ordering::Relaxed);
+        let err = self
+            .err
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take())
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let err = String::from_utf8_lossy(&err).trim().to_string();
+        if self.stalled.load(Ordering::Relaxed) {
+            return Err(io(std::io::Error::other(format!(
+                "the publish reader made no progress for {} s and was killed; nothing was published",
+                limits.stall_secs
+            ))));
+        }
+        if status.success() && ok_so_far {
+            return Ok(());
+        }
+        use std::os::unix::process::ExitStatusExt as _;
+        let reason = if !err.is_empty() {
+            err
+        } else if let Some(sig) = status.signal() {
+            format!("the publish reader was killed by signal {sig} (memory or CPU limit?)")
+        } else {
+            format!("the publish reader exited with {status}")
+        };
+        Err(SyncError::NotADiskImage {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+}
+
+/// Stores the chunks, checks `finish` (the reader ended well), then commits the version.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    store: &Store,
+    catalog: &Catalog,
+    key: &SigningKey,
+    name: &str,
+    src: &dyn Source,
+    header: ReaderHeader,
+    opts: &PublishOptions,
+    start: Instant,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    finish: &mut dyn FnMut() -> Result<(), SyncError>,
+) -> Result<(Manifest, Signed, PublishReport), SyncError> {
+    let total = header.size;
+    let free_space_dropped = header.free_space_dropped;
+    let notes = header.volumes;
     let _lock = catalog.lock_image(name)?;
     let mut existing = catalog.versions(name)?;
     existing.extend(catalog.deleted_versions(name)?);
@@ -249,7 +674,8 @@ pub fn publish(
         block_hashes: true,
         threads: opts.threads,
     };
-    let r = ingest(store, &src, &iopts, &|done| progress(done, total))?;
+    let r = ingest(store, src, &iopts, &|done| progress(done, total))?;
+    finish()?;
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         name: name.to_string(),

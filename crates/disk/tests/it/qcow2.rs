@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tandem_disk::{open_image, DiskError, ReadAt};
+use tandem_disk::{open_image, open_image_with, BackingPolicy, DiskError, ReadAt};
 
 use super::util::{pattern, read_all, s, sh};
 
@@ -82,7 +82,14 @@ fn qcow2_reads_match_qemu_including_backing_zero_and_partial_clusters() {
         ],
     );
     sh("qemu-io", &["-c", "write -P 0x5c 100 5000", s(&top)]);
-    let v = open_image(&top).expect("open top");
+    // Backing files are followed only when the operator named each one.
+    let err = open_image(&top).expect_err("no backing files by default");
+    assert!(matches!(err, DiskError::Backing { .. }), "{err}");
+    let only_ov = BackingPolicy::allow(std::slice::from_ref(&ov)).expect("allow");
+    let err = open_image_with(&top, &only_ov).expect_err("base.raw not named");
+    assert!(err.to_string().contains("base.raw"), "{err}");
+    let both = BackingPolicy::allow(&[ov.clone(), base.clone()]).expect("allow");
+    let v = open_image_with(&top, &both).expect("open top");
     assert_eq!(v.size(), 4 << 20);
     let expect = flat(d.path(), &top);
     assert_eq!(read_all(&*v), expect);
@@ -214,7 +221,8 @@ fn backing_loop_is_an_error() {
         "qemu-img",
         &["rebase", "-u", "-F", "qcow2", "-b", "b.qcow2", s(&a)],
     );
-    let err = open_image(&b).expect_err("loop");
+    let both = BackingPolicy::allow(&[a.clone(), b.clone()]).expect("allow");
+    let err = open_image_with(&b, &both).expect_err("loop");
     assert!(err.to_string().contains("deeper"), "{err}");
 }
 
@@ -320,4 +328,57 @@ fn nbd_client_reads_an_encrypted_qcow2_decrypted_by_qemu_nbd() {
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }
+}
+
+/// A qcow2 whose header names a host file (here a stand-in for a server key), a FIFO,
+/// a symlink or a device: none of them is ever opened, and nothing blocks.
+#[test]
+fn backing_files_outside_the_allow_list_are_never_opened() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let secret = d.path().join("image-signing.key");
+    std::fs::write(&secret, pattern(4096, 9)).expect("write key");
+    let fifo = d.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let link = d.path().join("link.raw");
+    std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+    let ov = d.path().join("ov.qcow2");
+    for (target, fmt) in [
+        (secret.clone(), "raw"),
+        (fifo.clone(), "raw"),
+        (link.clone(), "raw"),
+        ("/dev/zero".into(), "raw"),
+        (secret.clone(), "qcow2"),
+    ] {
+        let _ = std::fs::remove_file(&ov);
+        let args = vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            s(&target),
+            "-F",
+            fmt,
+            s(&ov),
+            "1M",
+        ];
+        sh("qemu-img", &args);
+        let err = open_image(&ov).expect_err("refused by default");
+        assert!(matches!(err, DiskError::Backing { .. }), "{err}");
+        // Naming the overlay's target explicitly still refuses what is not a regular file.
+        if let Ok(p) = BackingPolicy::allow(std::slice::from_ref(&target)) {
+            assert_eq!(target, secret, "only the regular file can be named");
+            // Named, it is read as what the header says: raw works, qcow2 is no qcow2.
+            assert_eq!(open_image_with(&ov, &p).is_ok(), fmt == "raw");
+        }
+        let p = BackingPolicy::allow(std::slice::from_ref(&secret)).expect("allow");
+        if target != secret {
+            let e = open_image_with(&ov, &p).expect_err("not the named file");
+            assert!(matches!(e, DiskError::Backing { .. }), "{e}");
+        }
+    }
+    // The image itself may not be a FIFO either (opening it would block).
+    let err = open_image(&fifo).expect_err("fifo image");
+    assert!(matches!(err, DiskError::NotADiskFile { .. }), "{err}");
 }

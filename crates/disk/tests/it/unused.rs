@@ -231,3 +231,61 @@ fn unknown_volumes_and_dirty_journals_claim_nothing() {
         .unwrap_or("")
         .contains("recovery"));
 }
+
+/// Runs `f` on a thread and fails the test if it has not returned after `secs` (a hang
+/// detector, far above the milliseconds the work takes).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the parser hung on a hostile image")
+}
+
+#[test]
+fn hostile_ext4_uninit_groups_with_huge_inodes_per_group_claim_nothing_and_return() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let img = d.path().join("fs.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("create");
+    // 1 KiB blocks: 32 groups, most of them BLOCK_UNINIT (metadata_csum, flex_bg defaults).
+    sh(
+        "mkfs.ext4",
+        &["-q", "-F", "-b", "1024", "-N", "2048", s(&img)],
+    );
+    let mut b = std::fs::read(&img).expect("read");
+    // s_inodes_per_group = 0xffffffff: each inode table would span ~2^28 blocks.
+    b[1024 + 0x28..1024 + 0x2c].copy_from_slice(&u32::MAX.to_le_bytes());
+    let bad = d.path().join("bad.img");
+    std::fs::write(&bad, &b).expect("write");
+    let map = within(120, move || {
+        let v: Arc<dyn ReadAt> = Arc::from(open_image(&bad).expect("open"));
+        unused_ranges(v).expect("the partition table is fine")
+    });
+    assert_eq!(
+        map.unused_bytes(),
+        0,
+        "nothing is claimed on a broken filesystem"
+    );
+    let note = map.volumes[0].note.clone().unwrap_or_default();
+    assert!(note.contains("inodes per group"), "{note}");
+
+    // Inode tables that all claim the same blocks: still bounded work, still a sound map.
+    let mut b = std::fs::read(&img).expect("read");
+    let ipg = u32::from_le_bytes(b[1024 + 0x28..1024 + 0x2c].try_into().expect("4"));
+    assert!(ipg > 0);
+    let gdt = 2048usize; // block 2 with 1 KiB blocks
+    let desc = 64usize; // 64bit feature is a mkfs default
+    for g in 0..32 {
+        let at = gdt + g * desc + 8;
+        b[at..at + 4].copy_from_slice(&100u32.to_le_bytes());
+    }
+    std::fs::write(d.path().join("shared.img"), &b).expect("write");
+    let shared = d.path().join("shared.img");
+    within(120, move || {
+        let v: Arc<dyn ReadAt> = Arc::from(open_image(&shared).expect("open"));
+        unused_ranges(v).expect("map")
+    });
+}
