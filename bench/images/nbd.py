@@ -22,7 +22,12 @@ export side is QEMU's NBD client over a unix socket, so the export pays for a so
 trip and a copy per request that the raw file does not. That is the comparison the issue
 asks for; it is not a like-for-like comparison of two servers.
 
-Usage: bench/images/nbd.py [--image RAW] [--rounds N]
+--server-bin BIN (repeatable) adds a side served by BIN IMAGE SOCKET CACHE_MB, a program that
+prints "ready" once it listens: crates/nbd/examples/serve_raw.rs is one (built with
+`cargo build --release -p tandem-nbd --example serve_raw`); a copy of it built from an older
+commit gives a before/after comparison in the same run.
+
+Usage: bench/images/nbd.py [--image RAW] [--rounds N] [--server-bin BIN]...
 CSV: bench/results/nbd-<date>-<host>.csv
 """
 import argparse, csv, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -85,6 +90,17 @@ def serve(image, work, cache_mb):
     return nbd, sock
 
 
+def serve_bin(binary, image, work, cache_mb):
+    """A serve_raw-style program; returns (process, socket)."""
+    sock = os.path.join(work, os.path.basename(binary) + ".sock")
+    p = subprocess.Popen([binary, image, sock, str(cache_mb)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    if p.stdout.readline().strip() != "ready":
+        p.kill()
+        sys.exit(f"{binary} did not start")
+    return p, sock
+
+
 def qemu_bench(target_args, size, bs, pattern):
     """MB/s of one qemu-img bench run covering the whole image once."""
     count = size // bs
@@ -106,6 +122,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image", help="raw image to serve (default: run.py's v1.ext4)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--server-bin", action="append", default=[],
+                    help="extra NBD side: BIN IMAGE SOCKET CACHE_MB, prints ready")
     a = ap.parse_args()
     if not os.path.exists(TANDEM):
         sys.exit(f"build first: cargo build --release --bin tandem ({TANDEM} missing)")
@@ -116,18 +134,27 @@ def main():
     size = os.path.getsize(image)
     size -= size % 65536
     work = tempfile.mkdtemp(prefix="tandem-bench-nbd-", dir=CACHE)
-    nbd = None
+    procs = []
     try:
-        nbd, sock = serve(image, work, size // (1 << 20) + 64)
-        uri = f"nbd+unix:///?socket={sock}"
-        sides = {"raw file (page cache)": ["-f", "raw", "-t", "writeback", image],
-                 "tandem NBD export": ["-f", "raw", uri]}
-        copy_src = {"raw file (page cache)": image, "tandem NBD export": uri}
+        cache_mb = size // (1 << 20) + 64
+        nbd, sock = serve(image, work, cache_mb)
+        procs.append(nbd)
+        uris = {"tandem NBD export": f"nbd+unix:///?socket={sock}"}
+        for b in a.server_bin:
+            p, s = serve_bin(b, image, work, cache_mb)
+            procs.append(p)
+            uris[os.path.basename(b)] = f"nbd+unix:///?socket={s}"
+        sides = {"raw file (page cache)": ["-f", "raw", "-t", "writeback", image]}
+        copy_src = {"raw file (page cache)": image}
+        for label, uri in uris.items():
+            sides[label] = ["-f", "raw", uri]
+            copy_src[label] = uri
         cases = [("sequential 4 KiB", 4096, "sequential"), ("strided 4 KiB", 4096, "random"),
                  ("sequential 64 KiB", 65536, "sequential")]
         # Warm both sides: the page cache and the export's chunk cache.
         sh("cat", image, stdout=subprocess.DEVNULL)
-        qemu_bench(sides["tandem NBD export"], size, 65536, "sequential")
+        for label in uris:
+            qemu_bench(sides[label], size, 65536, "sequential")
         res = {}
         for r in range(a.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
@@ -137,24 +164,27 @@ def main():
             for side in order:
                 res.setdefault(("nbdcopy to null:", side), []).append(nbdcopy(copy_src[side], size))
         print(f"\n== NBD read path, {os.path.basename(image)} ({size >> 20} MiB), "
-              f"median of {a.rounds} rounds, MB/s ==", flush=True)
+              f"median of {a.rounds} rounds, MB/s; ratio: median of per-round ratios ==", flush=True)
         for case in [c[0] for c in cases] + ["nbdcopy to null:"]:
-            raw = statistics.median(res[(case, "raw file (page cache)")])
+            raws = res[(case, "raw file (page cache)")]
             for side in sides:
                 vals = res[(case, side)]
                 v = statistics.median(vals)
-                ratio = v / raw
+                # Each round measures both sides back to back: the ratio is the median of
+                # the per-round ratios, which cancels most of the load other jobs put on
+                # the machine between rounds.
+                ratio = statistics.median(x / r for x, r in zip(vals, raws))
                 spread = f"min {min(vals):.0f} max {max(vals):.0f}"
                 rows.append(dict(section="nbd", case=case, tool=side, value=f"{v:.1f}", unit="MB/s",
                                  ratio=f"{ratio:.3f}", note=spread))
                 print(f"  {case:20} {side:24} {v:9.1f} MB/s  x{ratio:.3f}  ({spread})")
-            n = statistics.median(res[(case, "tandem NBD export")])
-            print(f"  -> export / raw = {n / raw:.3f}"
+            n = statistics.median(x / r for x, r in zip(res[(case, "tandem NBD export")], raws))
+            print(f"  -> export / raw = {n:.3f}"
                   + ("  (goal >= 0.95)" if case == "sequential 4 KiB" else ""), flush=True)
     finally:
-        if nbd:
-            nbd.terminate()
-            nbd.wait()
+        for p in procs:
+            p.terminate()
+            p.wait()
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(RESULTS, exist_ok=True)
     name = os.path.join(RESULTS, f"nbd-{time.strftime('%Y%m%d-%H%M')}-{platform.node()}.csv")

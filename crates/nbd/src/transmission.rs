@@ -1,8 +1,20 @@
 //! The transmission phase: one blocking thread per connection, one request at a time.
 //!
-//! Each request is read, served and answered before the next is read; the reply buffer is
-//! flushed only when no further request is already buffered, so a client that keeps a
+//! Each request is read, served and answered before the next is read. Replies are
+//! buffered and sent when the socket holds no further request, so a client that keeps a
 //! queue of requests in flight gets its replies in large writes.
+//!
+//! Where the time went (measured with `perf` and `strace -c` on `qemu-img bench`, 4 KiB
+//! sequential reads, queue depth 16, everything cached): not in serving a request (the
+//! chunk-cache lookup and copies are about 1 µs) but in sleeping and being woken. QEMU
+//! sends its next request only as it consumes a reply, so a server that blocks in `read`
+//! as soon as it has answered sleeps and wakes once per request or two; more than half the
+//! server's CPU was in the scheduler's context switch, and each wake-up also costs the
+//! client's `sendmsg`. So after sending its replies the thread polls the socket for
+//! [`SPIN`] (yielding the CPU between polls) before it blocks: a client that is streaming
+//! never finds the server asleep, and an idle connection costs one [`SPIN`] per burst.
+//! `bench/images/nbd.py` measures it: sequential 4 KiB reads went from 0.92x to 1.2x a
+//! raw file.
 
 use std::io::{self, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
@@ -12,6 +24,10 @@ use tandem_store::ImageReader;
 use crate::handshake::Session;
 use crate::wire::*;
 use crate::MAX_REQUEST;
+
+/// How long a connection that has answered everything polls for the next request before
+/// it blocks (see the module doc).
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Most extents in one block-status reply (a reply of 128 KiB); the client asks again
 /// from where the reply stopped.
@@ -173,6 +189,92 @@ impl Conn<'_> {
     }
 }
 
+/// The receiving side of a connection: a buffer over the socket that can look for more
+/// requests without blocking.
+struct Input {
+    s: UnixStream,
+    buf: Box<[u8]>,
+    lo: usize,
+    hi: usize,
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        self.hi - self.lo
+    }
+
+    fn make_room(&mut self) {
+        if self.lo > 0 {
+            self.buf.copy_within(self.lo..self.hi, 0);
+            self.hi -= self.lo;
+            self.lo = 0;
+        }
+    }
+
+    /// Reads what the socket holds without waiting; `None` when it holds nothing.
+    fn fill_now(&mut self) -> io::Result<Option<usize>> {
+        self.make_room();
+        self.s.set_nonblocking(true)?;
+        let r = self.s.read(&mut self.buf[self.hi..]);
+        self.s.set_nonblocking(false)?;
+        match r {
+            Ok(n) => {
+                self.hi += n;
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Polls the socket (yielding the CPU between polls) for up to `spin`; `None` when
+    /// nothing arrived.
+    fn fill_soon(&mut self, spin: std::time::Duration) -> io::Result<Option<usize>> {
+        self.make_room();
+        let until = std::time::Instant::now() + spin;
+        self.s.set_nonblocking(true)?;
+        let res = loop {
+            match self.s.read(&mut self.buf[self.hi..]) {
+                Ok(n) => break Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= until {
+                        break Ok(None);
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        // The write half shares this socket: it must block again before any reply.
+        self.s.set_nonblocking(false)?;
+        if let Ok(Some(n)) = res {
+            self.hi += n;
+        }
+        res
+    }
+
+    fn fill_wait(&mut self) -> io::Result<usize> {
+        self.make_room();
+        let n = self.s.read(&mut self.buf[self.hi..])?;
+        self.hi += n;
+        Ok(n)
+    }
+
+    /// Skips `n` bytes (a write's payload).
+    fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            if self.len() == 0 && self.fill_wait()? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let k = (self.len() as u64).min(n);
+            self.lo += k as usize;
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
 /// Serves requests until the client disconnects (`Ok`) or breaks the protocol or the
 /// socket fails (`Err`). `pending` holds bytes already read during the handshake.
 pub(crate) fn transmission(
@@ -181,8 +283,14 @@ pub(crate) fn transmission(
     reader: &ImageReader,
     session: Session,
 ) -> io::Result<()> {
-    let input = io::Read::chain(io::Cursor::new(pending), stream.try_clone()?);
-    let mut r = io::BufReader::with_capacity(64 << 10, input);
+    let mut buf = vec![0u8; (64 << 10).max(pending.len())].into_boxed_slice();
+    buf[..pending.len()].copy_from_slice(&pending);
+    let mut inp = Input {
+        s: stream.try_clone()?,
+        buf,
+        lo: 0,
+        hi: pending.len(),
+    };
     let mut c = Conn {
         w: io::BufWriter::with_capacity(256 << 10, stream),
         reader,
@@ -190,13 +298,32 @@ pub(crate) fn transmission(
         buf: Vec::new(),
     };
     loop {
-        let mut h = [0u8; REQUEST_LEN];
-        match r.read_exact(&mut h) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+        while inp.len() < REQUEST_LEN {
+            let n = match inp.fill_now()? {
+                Some(n) => n,
+                None => {
+                    // Nothing more to do until the client sends: send what is ready, then
+                    // wait for the next request, briefly awake and then asleep.
+                    c.w.flush()?;
+                    match inp.fill_soon(SPIN)? {
+                        Some(n) => n,
+                        None => inp.fill_wait()?,
+                    }
+                }
+            };
+            if n == 0 {
+                if inp.len() == 0 {
+                    return Ok(());
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a request header",
+                ));
+            }
         }
-        let req = parse_request(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let req = parse_request(&inp.buf[inp.lo..inp.hi])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        inp.lo += REQUEST_LEN;
         match req.command {
             Command::Read => c.read(&req)?,
             Command::BlockStatus => c.block_status(&req)?,
@@ -207,7 +334,7 @@ pub(crate) fn transmission(
                         "oversized write to a read-only export",
                     ));
                 }
-                io::copy(&mut (&mut r).take(u64::from(req.length)), &mut io::sink())?;
+                inp.skip(u64::from(req.length))?;
                 c.fail(req.handle, EPERM, "the export is read-only")?;
             }
             Command::Disconnect => {
@@ -221,9 +348,6 @@ pub(crate) fn transmission(
             Command::Cache | Command::Unknown(_) => {
                 c.fail(req.handle, EINVAL, "unsupported command")?
             }
-        }
-        if r.buffer().is_empty() {
-            c.w.flush()?;
         }
     }
 }
