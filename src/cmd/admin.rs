@@ -73,6 +73,11 @@ enum AdminCommand {
     /// Named policies: lease length, check-in interval, device controls.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Revoke an admin credential by name (never the last one); it is refused at once.
+    RevokeAdmin {
+        /// The credential's name (`admin` for the first one).
+        name: String,
+    },
     /// Read the audit log.
     Audit {
         /// Only this device.
@@ -111,6 +116,15 @@ enum TokenCmd {
         /// Lifetime (default 1h, at most 7days).
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
+    },
+    /// End every unused enrollment token of a user (sent to the wrong person, not needed).
+    Revoke {
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -327,6 +341,27 @@ async fn admin(c: AdminClient, args: AdminArgs) -> anyhow::Result<u8> {
                 );
                 println!("{}", t.token);
             })?;
+        }
+        AdminCommand::Token(TokenCmd::Revoke { user, reason }) => {
+            let r: tandem_proto::fleet::TokensRevoked = c
+                .call(
+                    Method::POST,
+                    "/v1/admin/tokens/revoke",
+                    Some(&tandem_proto::fleet::RevokeTokens { user, reason }),
+                )
+                .await?;
+            emit(json, &r, || {
+                println!(
+                    "{} unused enrollment token(s) of {} revoked",
+                    r.revoked, r.user
+                )
+            })?;
+        }
+        AdminCommand::RevokeAdmin { name } => {
+            let r: serde_json::Value = c
+                .call(Method::DELETE, &format!("/v1/admin/admins/{name}"), NO_BODY)
+                .await?;
+            emit(json, &r, || println!("admin credential {name} revoked"))?;
         }
         AdminCommand::Device(DeviceCmd::List) => {
             let devices: Vec<DeviceInfo> =

@@ -259,3 +259,118 @@ fn laundering_dedup_probing_and_kill_pending_access_are_refused() {
         .count();
     assert_eq!(refusals, 2, "{audit}");
 }
+
+/// Should-fix: admin credentials and enrollment tokens can be revoked, effective at once;
+/// the last admin credential cannot be.
+#[test]
+fn revoked_admin_credentials_and_enrollment_tokens_are_refused() {
+    let f = Fleet::start(Backend::Sqlite).expect("a SQLite fleet always starts");
+    f.admin(&["user", "create", "gus"]).ok();
+    let token = f.new_token("gus", "1h");
+    let revoked = f
+        .admin(&[
+            "token",
+            "revoke",
+            "--user",
+            "gus",
+            "--reason",
+            "mailed to the wrong person",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(revoked["revoked"], 1);
+    let dir = f.agent_dir("laptop-g");
+    let ran = f.agent(
+        &dir,
+        &[
+            "enroll",
+            "--server",
+            &f.url,
+            "--token",
+            &token,
+            "--hostname",
+            "g",
+        ],
+    );
+    assert_ne!(ran.code, 0, "a revoked token must not enroll");
+    assert!(ran.stderr.contains("token"), "{}", ran.stderr);
+
+    // A second credential, revoked by the first: refused from then on.
+    let srv = f.tmp.path().join("srv");
+    let second =
+        run(tandem()
+            .args(["server", "--data"])
+            .arg(&srv)
+            .args(["admin-token", "--name", "ops"]))
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let as_ops = |args: &[&str]| {
+        run(tandem()
+            .args(["admin", "--server", &f.url, "--token", &second])
+            .args(args))
+    };
+    as_ops(&["user", "list"]).ok();
+    f.admin(&["revoke-admin", "ops"]).ok();
+    let ran = as_ops(&["user", "list"]);
+    assert_ne!(ran.code, 0, "a revoked admin credential must be refused");
+    // The last credential stays.
+    let ran = f.admin(&["revoke-admin", "admin"]);
+    assert_ne!(ran.code, 0);
+    f.admin(&["user", "list"]).ok();
+    let audit = f.admin(&["audit", "--json"]).ok().json();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"token.revoked") && actions.contains(&"admin.revoked"));
+}
+
+/// Should-fix: with `--admin-token-file` the first admin credential goes to a new 0600 file,
+/// never to stdout (a service journal).
+#[test]
+fn first_admin_token_can_go_to_a_file_instead_of_the_journal() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = super::util::free_port();
+    let out = tmp.path().join("server.out");
+    let token_file = tmp.path().join("admin.token");
+    let _server = Reaped::spawn(
+        tandem()
+            .args(["server", "--data"])
+            .arg(tmp.path().join("srv"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-token-file",
+            ])
+            .arg(&token_file)
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::process::Stdio::null()),
+    );
+    assert!(super::util::wait_for_text(&out, "listening on", 60));
+    let token = std::fs::read_to_string(&token_file).expect("token file");
+    let token = token.trim();
+    assert!(token.starts_with("tdm-admin-"));
+    let mode = std::fs::metadata(&token_file)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let stdout = std::fs::read_to_string(&out).expect("stdout");
+    assert!(!stdout.contains(token), "the token must not be printed");
+    run(tandem()
+        .args([
+            "admin",
+            "--server",
+            &format!("http://127.0.0.1:{port}"),
+            "--token",
+            token,
+        ])
+        .args(["user", "list"]))
+    .ok();
+}
