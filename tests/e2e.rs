@@ -2,6 +2,7 @@
 //! One test binary (linking is the cost on 2 cores); one module per feature.
 
 mod e2e {
+    pub mod console;
     pub mod desktop;
     pub mod fleet;
     pub mod image;

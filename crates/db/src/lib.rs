@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod console;
 pub mod migrations;
 mod url;
 
@@ -29,6 +30,7 @@ use std::pin::Pin;
 use tandem_proto::fleet::{AuditEntry, DeviceId, DeviceStatus, ImageRef};
 use tandem_proto::PublicKey;
 
+pub use console::{AuditSearch, DevicePage, DeviceQuery, DeviceSort, SessionRow};
 pub use url::DatabaseUrl;
 
 /// A boxed future returned by [`Db`] methods.
@@ -224,7 +226,6 @@ pub trait Db: Send + Sync + fmt::Debug {
     fn add_admin(&self, name: &str, hash: &str, now: u64) -> DbFuture<'_, ()>;
     /// The admin name for a credential hash.
     fn admin_by_hash(&self, hash: &str) -> DbFuture<'_, Option<String>>;
-
     /// Revokes the admin credential `name`: [`DbError::NotFound`] when there is none,
     /// [`DbError::Conflict`] when it is the last one (the server would have no admin left).
     fn revoke_admin(&self, name: &str) -> DbFuture<'_, ()>;
@@ -288,6 +289,21 @@ pub trait Db: Send + Sync + fmt::Debug {
     fn append_audit(&self, entry: NewAudit) -> DbFuture<'_, ()>;
     /// Reads the audit log, oldest first.
     fn audit(&self, filter: AuditFilter) -> DbFuture<'_, Vec<AuditEntry>>;
+
+    /// Stores a new admin console session under the hash of its cookie value.
+    fn create_session(&self, id_hash: &str, row: &SessionRow) -> DbFuture<'_, ()>;
+    /// The session with this cookie hash, if it exists and has not expired at `now`.
+    fn session(&self, id_hash: &str, now: u64) -> DbFuture<'_, Option<SessionRow>>;
+    /// Ends a session (sign-out); ending an unknown one is not an error.
+    fn delete_session(&self, id_hash: &str) -> DbFuture<'_, ()>;
+    /// Drops sessions that expired before `now`; returns how many.
+    fn prune_sessions(&self, now: u64) -> DbFuture<'_, u64>;
+    /// One page of devices matching `query`, and how many match in all.
+    fn device_page(&self, query: &DeviceQuery) -> DbFuture<'_, DevicePage>;
+    /// Number of devices in each state.
+    fn device_counts(&self) -> DbFuture<'_, Vec<(DeviceStatus, u64)>>;
+    /// Audit entries matching `search`, newest first.
+    fn audit_search(&self, search: &AuditSearch) -> DbFuture<'_, Vec<AuditEntry>>;
 }
 
 /// Opens the database named by `url`, running migrations first.
@@ -859,6 +875,176 @@ macro_rules! impl_db {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(q("read audit"))?;
+                    rows.iter().map(Self::audit_from).collect()
+                })
+            }
+
+            fn create_session(&self, id_hash: &str, row: &SessionRow) -> DbFuture<'_, ()> {
+                let (hash, row) = (id_hash.to_string(), row.clone());
+                Box::pin(async move {
+                    sqlx::query::<$db>(
+                        "INSERT INTO console_sessions (id_hash, admin, csrf, created_at, \
+                         expires_at) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(&hash)
+                    .bind(&row.admin)
+                    .bind(&row.csrf)
+                    .bind(ts(row.created_at))
+                    .bind(ts(row.expires_at))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(insert_err("create session", || "session".to_string()))?;
+                    Ok(())
+                })
+            }
+
+            fn session(&self, id_hash: &str, now: u64) -> DbFuture<'_, Option<SessionRow>> {
+                let hash = id_hash.to_string();
+                Box::pin(async move {
+                    let row = sqlx::query_as::<$db, (String, String, i64, i64)>(
+                        "SELECT admin, csrf, created_at, expires_at FROM console_sessions \
+                         WHERE id_hash = $1 AND expires_at > $2",
+                    )
+                    .bind(&hash)
+                    .bind(ts(now))
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(q("read session"))?;
+                    Ok(row.map(|(admin, csrf, c, e)| SessionRow {
+                        admin,
+                        csrf,
+                        created_at: uts(c),
+                        expires_at: uts(e),
+                    }))
+                })
+            }
+
+            fn delete_session(&self, id_hash: &str) -> DbFuture<'_, ()> {
+                let hash = id_hash.to_string();
+                Box::pin(async move {
+                    sqlx::query::<$db>("DELETE FROM console_sessions WHERE id_hash = $1")
+                        .bind(&hash)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(q("delete session"))?;
+                    Ok(())
+                })
+            }
+
+            fn prune_sessions(&self, now: u64) -> DbFuture<'_, u64> {
+                Box::pin(async move {
+                    let done =
+                        sqlx::query::<$db>("DELETE FROM console_sessions WHERE expires_at <= $1")
+                            .bind(ts(now))
+                            .execute(&self.pool)
+                            .await
+                            .map_err(q("prune sessions"))?;
+                    Ok(done.rows_affected())
+                })
+            }
+
+            fn device_page(&self, query: &DeviceQuery) -> DbFuture<'_, DevicePage> {
+                let f = query.clone();
+                Box::pin(async move {
+                    // Every filter is a bound value; "unset" is '' or -1. The sort column
+                    // comes from a closed list.
+                    const WHERE: &str = "WHERE ($1 = '' OR LOWER(id) LIKE $1 ESCAPE '\\' \
+                         OR LOWER(hostname) LIKE $1 ESCAPE '\\' \
+                         OR LOWER(user_name) LIKE $1 ESCAPE '\\') \
+                         AND ($2 = '' OR status = $2) AND ($3 = '' OR user_name = $3) \
+                         AND ($4 < 0 OR lease_not_after >= $4) \
+                         AND ($5 < 0 OR lease_not_after < $5) \
+                         AND ($6 < 0 OR COALESCE(last_checkin, enrolled_at) < $6)";
+                    let search = f
+                        .search
+                        .as_deref()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| console::like_pattern(s, true))
+                        .unwrap_or_default();
+                    let status = f.status.map(|s| s.as_str()).unwrap_or("");
+                    let user = f.user.clone().unwrap_or_default();
+                    let opt = |v: Option<u64>| v.map(ts).unwrap_or(-1);
+                    let col = f.sort.column();
+                    let dir = if f.descending { "DESC" } else { "ASC" };
+                    let total = sqlx::query_scalar::<$db, i64>(&format!(
+                        "SELECT COUNT(*) FROM devices {WHERE}"
+                    ))
+                    .bind(&search)
+                    .bind(status)
+                    .bind(&user)
+                    .bind(opt(f.lease_from))
+                    .bind(opt(f.lease_until))
+                    .bind(opt(f.not_seen_since))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(q("count devices"))?;
+                    let sql = format!(
+                        "SELECT * FROM devices {WHERE} \
+                         ORDER BY ({col} IS NULL), {col} {dir}, id {dir} LIMIT $7 OFFSET $8"
+                    );
+                    let rows = sqlx::query::<$db>(&sql)
+                        .bind(&search)
+                        .bind(status)
+                        .bind(&user)
+                        .bind(opt(f.lease_from))
+                        .bind(opt(f.lease_until))
+                        .bind(opt(f.not_seen_since))
+                        .bind(i64::from(f.limit.clamp(1, DeviceQuery::MAX_LIMIT)))
+                        .bind(ts(f.offset))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(q("list devices"))?;
+                    Ok(DevicePage {
+                        total: uts(total),
+                        devices: rows.iter().map(Self::device_from).collect::<Result<_, _>>()?,
+                    })
+                })
+            }
+
+            fn device_counts(&self) -> DbFuture<'_, Vec<(DeviceStatus, u64)>> {
+                Box::pin(async move {
+                    let rows = sqlx::query_as::<$db, (String, i64)>(
+                        "SELECT status, COUNT(*) FROM devices GROUP BY status ORDER BY status",
+                    )
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q("count devices by state"))?;
+                    rows.into_iter()
+                        .map(|(s, n)| {
+                            let st = s.parse().map_err(|_| DbError::Corrupt {
+                                what: format!("device status {s:?}"),
+                            })?;
+                            Ok((st, uts(n)))
+                        })
+                        .collect()
+                })
+            }
+
+            fn audit_search(&self, f: &AuditSearch) -> DbFuture<'_, Vec<AuditEntry>> {
+                let f = f.clone();
+                Box::pin(async move {
+                    let prefix = |v: &Option<String>| {
+                        v.as_deref()
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| console::like_pattern(s, false))
+                            .unwrap_or_default()
+                    };
+                    let rows = sqlx::query::<$db>(
+                        "SELECT * FROM audit WHERE ($1 = '' OR device_id = $1) \
+                         AND ($2 = '' OR LOWER(actor) LIKE $2 ESCAPE '\\') \
+                         AND ($3 = '' OR LOWER(action) LIKE $3 ESCAPE '\\') \
+                         AND ($4 < 0 OR id < $4) ORDER BY id DESC LIMIT $5",
+                    )
+                    .bind(f.device.map(|d| d.to_string()).unwrap_or_default())
+                    .bind(prefix(&f.actor))
+                    .bind(prefix(&f.action))
+                    .bind(f.before_id.unwrap_or(-1))
+                    .bind(i64::from(f.limit.unwrap_or(100).clamp(1, 1000)))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q("search audit"))?;
                     rows.iter().map(Self::audit_from).collect()
                 })
             }

@@ -68,6 +68,24 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 "#,
+    // 2: admin console sessions (shared by replicas); indexes for the console's device
+    // list (sort and filter in SQL at fleet scale).
+    r#"
+CREATE TABLE console_sessions (
+    id_hash TEXT PRIMARY KEY,
+    admin TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+CREATE INDEX devices_user ON devices (user_name);
+CREATE INDEX devices_status ON devices (status);
+CREATE INDEX devices_hostname ON devices (hostname);
+CREATE INDEX devices_enrolled ON devices (enrolled_at);
+CREATE INDEX devices_last_checkin ON devices (last_checkin);
+CREATE INDEX devices_lease ON devices (lease_not_after);
+"#,
 ];
 
 /// PostgreSQL schema, in order.
@@ -133,6 +151,24 @@ CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
 CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit
 FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+"#,
+    // 2: admin console sessions (shared by replicas); indexes for the console's device
+    // list (sort and filter in SQL at fleet scale).
+    r#"
+CREATE TABLE console_sessions (
+    id_hash TEXT PRIMARY KEY,
+    admin TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+CREATE INDEX devices_user ON devices (user_name);
+CREATE INDEX devices_status ON devices (status);
+CREATE INDEX devices_hostname ON devices (hostname);
+CREATE INDEX devices_enrolled ON devices (enrolled_at);
+CREATE INDEX devices_last_checkin ON devices (last_checkin);
+CREATE INDEX devices_lease ON devices (lease_not_after);
 "#,
 ];
 

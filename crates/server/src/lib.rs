@@ -23,6 +23,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backups;
+pub mod console;
 pub mod error;
 pub mod fleet;
 pub mod fsutil;
@@ -303,19 +304,28 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let access: Arc<dyn images::ImageAccess> = server.state.access.clone();
     let service = images::ImageService::open(&server.state.data_dir, access)?;
+    let backup_svc = backups::BackupService::new(
+        &server.state.data_dir,
+        service.store().clone(),
+        server.escrow.clone(),
+    );
     let backups = backups::routes(backups::BackupState {
-        svc: backups::BackupService::new(
-            &server.state.data_dir,
-            service.store().clone(),
-            server.escrow.clone(),
-        ),
+        svc: backup_svc.clone(),
         app: server.state.clone(),
     });
     let rules = rules::routes(server.state.data_dir.clone());
-    let app = router_with(
-        server.state,
-        images::routes(service).merge(backups).merge(rules),
+    let console = console::ConsoleState::new(
+        server.state.clone(),
+        service.clone(),
+        backup_svc,
+        console::ConsoleConfig::from_env(),
     );
+    let api = images::routes(service)
+        .merge(backups)
+        .merge(rules)
+        .merge(console::api_routes(console.clone()));
+    // The console's pages authenticate by session cookie, outside the bearer layer.
+    let app = router_with(server.state, api).merge(console::page_routes(console));
     // Peer addresses key the audit rate limit of unauthenticated callers.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
