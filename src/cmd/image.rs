@@ -405,6 +405,11 @@ fn publish(a: PublishArgs, global: &Global) -> anyhow::Result<u8> {
     let data = &a.data.data;
     let (cat, _) = server_catalog(data)?;
     let keys = tandem_server::keys::ServerKeys::load_or_create(data)?;
+    // Cheap refusals first (a bad name, a file that is plainly no disk: by its magic),
+    // then the scan; everything that parses the image runs in limited children.
+    tandem_proto::manifest::validate_name(&a.name)?;
+    tandem_sync::publish::check_disk_image(&a.file)
+        .with_context(|| format!("publishing {} as {}", a.file.display(), a.name))?;
     scan_before_publish(&a, &keys, global)?;
     let store = tandem_store::Store::open(&data.join("store"))
         .with_context(|| format!("opening chunk store in {}", data.display()))?;

@@ -296,7 +296,23 @@ enum Source {
 
 fn open_source(v: &serde_json::Value) -> Result<Arc<dyn tandem_disk::ReadAt>, String> {
     let s: Source = serde_json::from_value(v.clone()).map_err(|e| format!("bad source: {e}"))?;
-    open_source_any(&s).map_err(|e| format!("{e:#}"))
+    open_source_any(&s).map_err(|e| chain_text(&e))
+}
+
+/// An error and its causes on one line, each cause said once (library errors often
+/// include their source in their own message already).
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !out.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+    }
+    out
 }
 
 /// Opens any source as a disk view (in a worker only: this parses untrusted bytes).

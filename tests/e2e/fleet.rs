@@ -156,7 +156,8 @@ fn publish(data: &Path, name: &str, version: u64) {
         .arg(&disk)
         .arg("--data")
         .arg(data)
-        .args(["--version", &version.to_string(), "--json"]))
+        // A made-up disk has no filesystem to scan: publish it anyway.
+        .args(["--version", &version.to_string(), "--force", "--json"]))
     .ok();
 }
 
@@ -802,7 +803,8 @@ fn assigned_image_is_pulled_signed_and_unassigned_devices_are_refused() {
         .arg(&disk)
         .arg("--data")
         .arg(f.tmp.path().join("srv"))
-        .arg("--json"))
+        // A made-up disk has no filesystem to scan: publish it anyway.
+        .args(["--force", "--json"]))
     .ok();
     f.start_server();
     f.admin(&["user", "create", "alice"]).ok();

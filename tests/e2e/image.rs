@@ -898,3 +898,223 @@ fn qemu_boots_the_guest_from_a_pulled_nbd_served_image_through_a_qcow2_overlay()
     );
     run(tandem().args(["store", "check", "--dir"]).arg(env.laptop())).ok();
 }
+
+/// Runs `cmd` in its own process group; a hang is a test failure (the group is killed).
+fn run_bounded(cmd: &mut Command, secs: u64) -> Ran {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = Reaped::spawn(cmd);
+    let mut out = child.0.stdout.take().expect("stdout");
+    let mut err = child.0.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut status = None;
+    let ended = wait_for(secs, || {
+        status = child.0.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    assert!(ended, "{cmd:?} hung (still running after {secs} s)");
+    Ran {
+        code: status.expect("ended").code().unwrap_or(-1),
+        stdout: o.join().expect("stdout reader"),
+        stderr: e.join().expect("stderr reader"),
+    }
+}
+
+fn published(env: &Env) -> serde_json::Value {
+    run(tandem()
+        .args(["image", "list", "--json", "--data"])
+        .arg(env.data()))
+    .ok()
+    .json()
+}
+
+/// A qcow2 overlay (1 MiB) whose header names `backing`, made without opening it.
+fn overlay_on(env: &Env, name: &str, backing: &Path, fmt: &str) -> PathBuf {
+    let ov = env.p(name);
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
+        .arg(backing)
+        .args(["-F", fmt])
+        .arg(&ov)
+        .arg("1M")
+        .status()
+        .expect("run qemu-img");
+    assert!(st.success(), "qemu-img create failed");
+    ov
+}
+
+/// The probe that found the hole: a qcow2 whose backing file is the server's own signing
+/// key. It must never be published, --force or not, and no byte of the key may be read.
+#[test]
+fn publish_refuses_backing_files_outside_the_allow_list_even_with_force() {
+    let env = Env::new();
+    env.key(); // creates the server keys
+    let key = env.data().join("keys").join("image-signing.key");
+    assert!(key.is_file(), "server key at {}", key.display());
+    let ov = overlay_on(&env, "evil.qcow2", &key, "raw");
+    for force in [false, true] {
+        let mut c = tandem();
+        c.args(["image", "publish", "evil"])
+            .arg(&ov)
+            .arg("--data")
+            .arg(env.data());
+        if force {
+            c.arg("--force");
+        }
+        let r = run_bounded(&mut c, 300).code(3);
+        assert!(
+            r.stderr.contains("backing file") && r.stderr.contains("image-signing.key"),
+            "{}",
+            r.stderr
+        );
+    }
+    assert_eq!(published(&env), serde_json::json!([]));
+
+    // A FIFO backing file (named or not) and a symlinked one: refused, never waited on.
+    let fifo = env.p("fifo");
+    let st = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(st.success());
+    let ov = overlay_on(&env, "fifo.qcow2", &fifo, "raw");
+    for extra in [
+        vec![],
+        vec!["--backing".to_string(), fifo.display().to_string()],
+    ] {
+        let r = run_bounded(
+            tandem()
+                .args(["image", "publish", "fifo", "--force"])
+                .arg(&ov)
+                .arg("--data")
+                .arg(env.data())
+                .args(&extra),
+            300,
+        )
+        .code(3);
+        assert!(
+            r.stderr.contains("backing file") || r.stderr.contains("is a FIFO"),
+            "{}",
+            r.stderr
+        );
+    }
+    let base = env.p("base.raw");
+    std::fs::write(&base, noise(7, 1 << 20)).expect("write base");
+    let link = env.p("link.raw");
+    std::os::unix::fs::symlink(&base, &link).expect("symlink");
+    let ov = overlay_on(&env, "link.qcow2", &link, "raw");
+    let r = run_bounded(
+        tandem()
+            .args(["image", "publish", "link", "--force"])
+            .arg(&ov)
+            .arg("--data")
+            .arg(env.data())
+            .arg("--backing")
+            .arg(&base),
+        300,
+    )
+    .code(3);
+    assert!(r.stderr.contains("symbolic link"), "{}", r.stderr);
+    assert_eq!(published(&env), serde_json::json!([]));
+
+    // Named with --backing, a regular file is used: the published bytes are the chain's.
+    let ov = overlay_on(&env, "ok.qcow2", &base, "raw");
+    let p = run_bounded(
+        tandem()
+            .args(["image", "publish", "ok", "--force", "--json"])
+            .arg(&ov)
+            .arg("--data")
+            .arg(env.data())
+            .arg("--backing")
+            .arg(&base),
+        300,
+    )
+    .ok()
+    .json();
+    assert_eq!(p["size"], 1 << 20);
+    let (_server, url) = serve_http(&env.data());
+    env.pull(&url, "ok@1", &[]).ok();
+    let sock = env.p("ok.sock");
+    let _nbd = serve_nbd(&env, "ok@1", &sock);
+    let out = env.p("ok.back");
+    nbd_to_file(&sock, &out);
+    assert!(
+        files_equal(&out, &base),
+        "published bytes differ from the chain"
+    );
+}
+
+#[test]
+fn publish_refuses_an_incomplete_scan_unless_forced() {
+    let env = Env::new();
+    // No filesystem anywhere: the scan cannot read anything, so it is incomplete.
+    let img = env.p("blob.raw");
+    std::fs::write(&img, noise(3, 4 << 20)).expect("write");
+    let r = run_bounded(
+        tandem()
+            .args(["image", "publish", "blob"])
+            .arg(&img)
+            .arg("--data")
+            .arg(env.data()),
+        300,
+    )
+    .code(3);
+    assert!(
+        r.stderr.contains("could not be scanned") && r.stderr.contains("nothing was published"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(published(&env), serde_json::json!([]));
+    let r = run_bounded(
+        tandem()
+            .args(["image", "publish", "blob", "--force"])
+            .arg(&img)
+            .arg("--data")
+            .arg(env.data()),
+        300,
+    )
+    .ok();
+    assert!(r.stderr.contains("because of --force"), "{}", r.stderr);
+}
+
+/// ext4 with uninitialised block groups and inodes-per-group of 2^32-1: publish used to
+/// spin forever rebuilding bitmaps. Now the allocation map is refused (free space kept)
+/// and the publish ends.
+#[test]
+fn publish_of_hostile_ext4_metadata_ends_and_keeps_free_space() {
+    let env = Env::new();
+    let img = env.p("hostile.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("create");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "1024", "-N", "2048"])
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(st.success());
+    let mut b = std::fs::read(&img).expect("read");
+    b[1024 + 0x28..1024 + 0x2c].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&img, &b).expect("write");
+    let r = run_bounded(
+        tandem()
+            .args(["image", "publish", "hostile", "--force", "--json"])
+            .arg(&img)
+            .arg("--data")
+            .arg(env.data()),
+        600,
+    )
+    .ok();
+    let j = r.json();
+    assert_eq!(j["free_space_dropped"], 0, "{}", r.stdout);
+    assert!(
+        j["volumes"].to_string().contains("inodes per group"),
+        "{}",
+        r.stdout
+    );
+}

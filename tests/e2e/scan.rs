@@ -219,7 +219,10 @@ fn scan_ext4_whole_disk_gpt_and_qcow2_finds_every_planted_file() {
             s(&ov),
         ],
     );
-    let r = scan(&ov, &[]).code(1);
+    // Backing files are opened only when named.
+    let r = scan(&ov, &[]).code(3);
+    assert!(r.stderr.contains("--backing"), "{}", r.stderr);
+    let r = scan(&ov, &["--backing", s(&base)]).code(1);
     assert_eq!(infected(&r), want);
 
     // A journal that needs recovery (an unclean shutdown) goes through ext4-view, which
@@ -253,7 +256,7 @@ fn scan_ext4_whole_disk_gpt_and_qcow2_finds_every_planted_file() {
     }
 
     // Human output names the infected files on stdout.
-    let r = run(tandem().args(["scan", "image", s(&ov)])).code(1);
+    let r = run(tandem().args(["scan", "image", s(&ov), "--backing", s(&base)])).code(1);
     assert!(
         r.stdout.contains("INFECTED") && r.stdout.contains("/a/b/c/d/e/deep.txt"),
         "{}",
@@ -500,8 +503,14 @@ fn scan_truncated_and_garbage_images_fail_clearly_without_hanging() {
     let r = run(tandem().args(["scan", "image", "/nonexistent/disk.img"])).code(3);
     assert!(
         r.stderr
-            .starts_with("tandem: opening /nonexistent/disk.img"),
+            .contains("cannot open disk image /nonexistent/disk.img"),
         "{}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stderr.matches("No such file").count(),
+        1,
+        "the cause is said once: {}",
         r.stderr
     );
 }
@@ -905,4 +914,208 @@ fn publish_scans_the_gold_image_first_and_refuses_an_infected_one() {
         "{}",
         forced.stderr
     );
+}
+
+/// Runs `cmd` in its own process group and waits for it; a hang is a test failure (and
+/// the whole group, workers included, is killed).
+fn run_bounded(cmd: &mut Command, secs: u64) -> Ran {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = super::util::Reaped::spawn(cmd);
+    let mut out = child.0.stdout.take().expect("stdout");
+    let mut err = child.0.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut status = None;
+    let ended = super::util::wait_for(secs, || {
+        status = child.0.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    assert!(ended, "{cmd:?} hung (still running after {secs} s)");
+    let status = status.expect("ended");
+    Ran {
+        code: status.code().unwrap_or(-1),
+        stdout: o.join().expect("stdout reader"),
+        stderr: e.join().expect("stderr reader"),
+    }
+}
+
+/// A qcow2 overlay (1 MiB, no data) whose header names `backing` (not opened by qemu-img).
+fn overlay_on(dir: &Path, name: &str, backing: &Path, fmt: &str) -> PathBuf {
+    let ov = dir.join(name);
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            s(backing),
+            "-F",
+            fmt,
+            s(&ov),
+            "1M",
+        ],
+    );
+    ov
+}
+
+#[test]
+fn scan_refuses_backing_files_outside_the_allow_list_fifos_and_symlinks() {
+    let d = tempfile::tempdir().expect("tempdir");
+    // A stand-in for a server key: a regular file the image's author wants read.
+    let key = d.path().join("image-signing.key");
+    std::fs::write(&key, format!("{EICAR}\n")).expect("write key");
+    let ov = overlay_on(d.path(), "key.qcow2", &key, "raw");
+    let r = run_bounded(tandem().args(["scan", "image", s(&ov), "--json"]), 120).code(3);
+    assert!(
+        r.stderr.contains("backing file") && r.stderr.contains("image-signing.key"),
+        "{}",
+        r.stderr
+    );
+    // Named explicitly, the operator gets what they asked for.
+    let r = run_bounded(
+        tandem().args(["scan", "image", s(&ov), "--backing", s(&key), "--json"]),
+        120,
+    );
+    assert!(matches!(r.code, 1 | 2), "{}", r.stderr);
+
+    // A FIFO as backing file, or as the image: refused at once, never waited on.
+    let fifo = d.path().join("fifo");
+    sh("mkfifo", &[s(&fifo)]);
+    let ov = overlay_on(d.path(), "fifo.qcow2", &fifo, "raw");
+    for extra in [&[][..], &["--backing", s(&fifo)][..]] {
+        let r = run_bounded(
+            tandem()
+                .args(["scan", "image", s(&ov), "--json"])
+                .args(extra),
+            120,
+        )
+        .code(3);
+        assert!(
+            r.stderr.contains("FIFO") || r.stderr.contains("--backing"),
+            "{}",
+            r.stderr
+        );
+    }
+    let r = run_bounded(tandem().args(["scan", "image", s(&fifo)]), 120).code(3);
+    assert!(r.stderr.contains("FIFO"), "{}", r.stderr);
+
+    // A symlink, named or followed, is refused: the header cannot lead elsewhere.
+    let link = d.path().join("link.raw");
+    std::os::unix::fs::symlink(&key, &link).expect("symlink");
+    let ov = overlay_on(d.path(), "link.qcow2", &link, "raw");
+    for named in [&link, &key] {
+        let r = run_bounded(
+            tandem().args(["scan", "image", s(&ov), "--backing", s(named)]),
+            120,
+        )
+        .code(3);
+        assert!(r.stderr.contains("symbolic link"), "{}", r.stderr);
+    }
+}
+
+#[test]
+fn scan_of_hostile_ext4_uninit_groups_and_huge_inodes_per_group_ends() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let img = d.path().join("fs.img");
+    sized(&img, 256 << 20);
+    sh(
+        "mkfs.ext4",
+        &["-q", "-F", "-b", "1024", "-N", "2048", s(&img)],
+    );
+    let mut b = std::fs::read(&img).expect("read");
+    b[1024 + 0x28..1024 + 0x2c].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&img, &b).expect("write");
+    let r = run_bounded(tandem().args(["scan", "image", s(&img), "--json"]), 300);
+    assert!(matches!(r.code, 0..=2), "exit {}: {}", r.code, r.stderr);
+    let _ = r.json();
+}
+
+/// Pids of live `tandem … worker`/`publish-reader` processes whose parent is `parent`.
+fn workers_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid …; comm may hold spaces, so split after the last ')'.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+        if state != "Z" && ppid == parent.to_string() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start())
+                .unwrap_or("");
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn scan_and_publish_workers_die_with_a_killed_parent() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let src = d.path().join("src");
+    write(&src, "/hello.txt", b"hello");
+    let img = mkext4(d.path(), &src, "fs.img", 8, &[]);
+    let data = d.path().join("srv");
+    let cmds: Vec<Vec<String>> = vec![
+        vec!["scan".into(), "image".into(), s(&img).into()],
+        vec![
+            "image".into(),
+            "publish".into(),
+            "gold".into(),
+            s(&img).into(),
+            "--data".into(),
+            s(&data).into(),
+        ],
+    ];
+    for args in cmds {
+        let mut c = tandem();
+        c.args(&args)
+            .env("TANDEM_TEST_SCAN_WORKER_HOLD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let parent = super::util::Reaped::spawn(&mut c);
+        let mut workers = Vec::new();
+        assert!(
+            super::util::wait_for(120, || {
+                workers = workers_of(parent.pid());
+                !workers.is_empty()
+            }),
+            "{args:?}: no worker started"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(parent.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill parent");
+        assert!(
+            super::util::wait_for(60, || workers.iter().all(|w| !alive(*w))),
+            "{args:?}: workers {workers:?} outlived their killed parent"
+        );
+        drop(parent);
+    }
 }

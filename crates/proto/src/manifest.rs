@@ -235,6 +235,16 @@ impl ManifestDelta {
             self.head.size.min(MAX_IMAGE_SIZE),
             self.head.chunk_size.max(1),
         );
+        // Every position beyond the base is named by a change, so a delta cannot claim
+        // more chunks than base + changes: checked before allocating for what the
+        // (not yet verified) head claims, e.g. 16 TiB in 1-byte chunks.
+        if n > base.chunks.len() as u64 + self.changes.len() as u64 {
+            return Err(ManifestError::Delta(format!(
+                "delta claims {n} chunks, but the base has {} and it names {} changes",
+                base.chunks.len(),
+                self.changes.len()
+            )));
+        }
         let mut chunks: Vec<Option<ChunkId>> =
             base.chunks.iter().take(n as usize).copied().collect();
         chunks.resize(n as usize, None);
@@ -380,6 +390,20 @@ mod tests {
         for bad in ["", "-x", "../etc", "A", "a/b", &"x".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A head claiming a huge size made `apply` allocate for it before the signature was
+    /// checked (found writing the `manifest_delta` fuzz target).
+    #[test]
+    fn manifest_delta_claiming_a_huge_image_is_refused_before_allocating() {
+        let key = SigningKey::generate();
+        let a = sample(1, 10);
+        let b = sample(2, 10);
+        let mut d = ManifestDelta::compute(&a, &b, &b.sign(&key));
+        d.head.size = MAX_IMAGE_SIZE;
+        d.head.chunk_size = 1;
+        let err = d.apply(&a, &[key.public()]).expect_err("refused");
+        assert!(err.to_string().contains("claims"), "{err}");
     }
 
     #[test]
