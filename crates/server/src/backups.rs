@@ -83,6 +83,8 @@ pub const UPLOAD_GRACE: Duration = Duration::from_secs(86_400);
 const STAGING_TTL: u64 = 2 * 86_400;
 /// User stores kept open at once.
 const OPEN_STORES: usize = 64;
+/// Unfinished staged uploads per user: bounds what a device can park on the server.
+const MAX_STAGED_UPLOADS: usize = 4;
 
 /// Stores and serves backups.
 pub struct BackupService {
@@ -134,7 +136,9 @@ impl BackupService {
         let path = self.user_dir(user).join("store");
         let store = Arc::new(Store::open(&path).map_err(|e| storage("user store", e))?);
         if open.len() >= OPEN_STORES {
-            open.clear();
+            // Only stores nobody else holds are closed: one user never has two open
+            // instances (two pack writers, one of which a collection could not see).
+            open.retain(|_, s| Arc::strong_count(s) > 1);
         }
         open.insert(user.to_string(), store.clone());
         Ok(store)
@@ -222,6 +226,14 @@ impl BackupService {
         }
         let dir = self.user_dir(user).join("staging");
         drop_stale_staging(&dir);
+        if !dir.join(upload).exists() {
+            let unfinished = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            if unfinished >= MAX_STAGED_UPLOADS {
+                return Err(ApiError::Conflict(format!(
+                    "{unfinished} unfinished backup uploads already; commit one or wait for them to expire"
+                )));
+            }
+        }
         let path = dir.join(upload).join(format!("{index:08}.json"));
         let json = serde_json::to_vec(part).expect("part serializes");
         write_atomic(&path, &json, 0o600).map_err(|e| storage("staged part", e))
@@ -417,9 +429,10 @@ impl BackupService {
     }
 }
 
-/// Parts a manifest of the largest disk needs.
+/// Parts a manifest of the largest disk needs at the backup chunk size (64 KiB): 256.
+/// A manifest with smaller chunks supports a proportionally smaller disk.
 fn max_parts() -> u64 {
-    (MAX_DISK / u64::from(tandem_proto::manifest::MIN_CHUNK_SIZE)).div_ceil(PART_CHUNKS as u64)
+    (MAX_DISK / u64::from(tandem_proto::manifest::DEFAULT_CHUNK_SIZE)).div_ceil(PART_CHUNKS as u64)
 }
 
 /// Every record in a user's backup directory, oldest first; damaged ones are skipped.
@@ -1010,9 +1023,19 @@ mod tests {
         let rec = svc.commit("alice", "da", up).expect("commit");
         assert_eq!(rec.manifest.chunks, chunks);
         assert!(!svc.user_dir("alice").join("staging").join(upload).exists());
-        // A bad upload id and an oversized part are refused.
+        // A bad upload id, an oversized part and a part beyond the largest disk are
+        // refused, and a device cannot park more than a few unfinished uploads.
         let part = ManifestPart { chunks: vec![None] };
         assert!(svc.stage("alice", "../x", 0, &part).is_err());
+        assert!(svc.stage("alice", upload, 256, &part).is_err());
+        for i in 0..MAX_STAGED_UPLOADS {
+            svc.stage("alice", &format!("{i:032x}"), 0, &part)
+                .expect("a few unfinished uploads");
+        }
+        assert!(matches!(
+            svc.stage("alice", &format!("{:032x}", 99), 0, &part),
+            Err(ApiError::Conflict(_))
+        ));
         let big = ManifestPart {
             chunks: vec![None; PART_CHUNKS + 1],
         };
