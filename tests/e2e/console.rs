@@ -615,6 +615,13 @@ fn console_pages_refuse_missing_forged_and_expired_sessions() {
             .await
             .expect("answer");
         assert_eq!(r.status().as_u16(), 303);
+        // After signing in the browser lands on the console, not on the form's target.
+        assert_eq!(
+            r.headers()
+                .get("location")
+                .map(|v| v.to_str().expect("ascii")),
+            Some("/console/login?next=/console")
+        );
         // A real session opens every page, until it expires.
         let (session, _) = sign_in(base, &f.token, &[]).await;
         for p in &pages {

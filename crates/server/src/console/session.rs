@@ -129,7 +129,13 @@ impl IntoResponse for SignIn {
 impl FromRequestParts<ConsoleState> for Session {
     type Rejection = SignIn;
     async fn from_request_parts(parts: &mut Parts, st: &ConsoleState) -> Result<Self, SignIn> {
-        let back = SignIn(safe_next(parts.uri.path()).to_string());
+        // After sign-in the browser GETs `next`: a form's target would not answer a GET.
+        let next = if parts.method == axum::http::Method::GET {
+            safe_next(parts.uri.path())
+        } else {
+            "/console"
+        };
+        let back = SignIn(next.to_string());
         let Some(value) = cookie(&parts.headers, COOKIE) else {
             return Err(back);
         };
