@@ -43,6 +43,27 @@ use crate::{now, AppState};
 
 /// Largest body a device-signed request may carry (it is hashed before anything else).
 pub const MAX_DEVICE_BODY: usize = 8 * 1024 * 1024;
+/// Device request bodies buffered at once before their signature is checked: at most
+/// `BODY_PERMITS * MAX_DEVICE_BODY` (512 MiB) of memory for unverified bodies.
+pub const BODY_PERMITS: usize = 64;
+/// How long a device may take to send its body while holding one of those permits.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Bounds the memory of request bodies read before their signature is checked. When every
+/// permit is taken a request is refused at once with 503 `busy` (devices retry), rather
+/// than queued: a queue would let slow senders hold the memory and everyone's requests.
+#[derive(Debug)]
+pub struct BodyGate {
+    permits: tokio::sync::Semaphore,
+}
+
+impl Default for BodyGate {
+    fn default() -> Self {
+        BodyGate {
+            permits: tokio::sync::Semaphore::new(BODY_PERMITS),
+        }
+    }
+}
 
 /// Paths that need no authentication.
 const PUBLIC: &[&str] = &["/v1/enroll", "/v1/health", "/v1/keys"];
@@ -340,7 +361,11 @@ pub async fn authenticate(
         return Ok(next.run(req).await);
     }
     if header(&req, auth::HEADER_DEVICE).is_some() {
+        let Ok(permit) = state.body_gate.permits.try_acquire() else {
+            return Ok(busy());
+        };
         let (req, device) = verify_device(&state, req).await?;
+        drop(permit);
         let cap = capability(req.method(), req.uri().path());
         if !device_may(device.status, cap) {
             return Err(refuse_device(&state, &device, cap, req.uri().path()).await);
@@ -434,11 +459,20 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| req.uri().path().to_string());
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_DEVICE_BODY)
-        .await
-        .map_err(|_| ApiError::TooLarge {
-            limit: MAX_DEVICE_BODY,
-        })?;
+    let bytes = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_DEVICE_BODY),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::BadRequest(format!(
+            "request body not received within {}s",
+            BODY_READ_TIMEOUT.as_secs()
+        ))
+    })?
+    .map_err(|_| ApiError::TooLarge {
+        limit: MAX_DEVICE_BODY,
+    })?;
     let sig = RequestSignature {
         device: device.to_string(),
         time,
@@ -461,6 +495,20 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
         ));
     }
     Ok((Request::from_parts(parts, Body::from(bytes)), row))
+}
+
+/// 503 `busy`: every body permit is taken; the device retries later.
+fn busy() -> Response {
+    use axum::response::IntoResponse as _;
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(tandem_proto::api::ApiErrorBody {
+            code: "busy".into(),
+            message: "the server is receiving too many requests; retry shortly".into(),
+            request_id: None,
+        }),
+    )
+        .into_response()
 }
 
 /// Audits and builds the refusal of a device that lacks `cap` in its current state.
@@ -729,6 +777,35 @@ mod tests {
                 "{m} {p}"
             );
         }
+    }
+
+    /// Should-fix: while every body permit is taken, a device request is refused with 503
+    /// before its body is read (bounded memory for unverified bodies); once one is free,
+    /// the same kind of request goes through.
+    #[tokio::test]
+    async fn unverified_bodies_are_capped_and_refused_when_the_cap_is_reached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, app) = server(dir.path()).await;
+        let (id, key) = enroll(&state, "carol").await;
+        let held = state
+            .body_gate
+            .permits
+            .try_acquire_many(BODY_PERMITS as u32)
+            .expect("all permits");
+        let (s, body) = call(&app, id, &key, "POST", "/v1/checkin", &checkin_body()).await;
+        assert_eq!(
+            (s, body["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("busy")),
+            "{body}"
+        );
+        drop(held);
+        let (s, body) = call(&app, id, &key, "POST", "/v1/checkin", &checkin_body()).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(
+            state.body_gate.permits.available_permits(),
+            BODY_PERMITS,
+            "permits come back"
+        );
     }
 
     /// Should-fix: a request signed before the server process started is refused, so a

@@ -102,6 +102,8 @@ pub struct AppState {
     pub access: Arc<FleetAccess>,
     /// Rate limit of audit entries that callers can provoke at will.
     pub audit_limiter: Arc<auth::AuditLimiter>,
+    /// Caps the memory held by device request bodies read before their signature check.
+    pub body_gate: Arc<auth::BodyGate>,
 }
 
 /// Image authorization from the fleet's assignments: a device may read exactly the
@@ -206,6 +208,7 @@ impl Server {
             data_dir: config.data_dir,
             access: Arc::new(FleetAccess::default()),
             audit_limiter: Arc::new(auth::AuditLimiter::default()),
+            body_gate: Arc::new(auth::BodyGate::default()),
         };
         let first_admin_token = bootstrap_admin(&state).await?;
         Ok(Server {
