@@ -511,12 +511,23 @@ fn story(root: &Path, args: &DemoArgs, global: &Global) -> anyhow::Result<()> {
         "echo 'Q3 plan, final' >> /home/user/notes.txt; sync; echo tandem-demo: edited",
     )?;
     s.console_until("corporate", "tandem-demo: edited")?;
+
+    s.say("Both desktops at once: the personal one starts next to the corporate one (each its own QEMU)");
+    s.start_desktop("personal")?;
+    s.run(&["desktop", "status", "--dir", &agent_s])?;
+    let both = s.json(&["desktop", "status", "--dir", &agent_s, "--json"])?;
+    let running = both
+        .as_array()
+        .map(|a| a.iter().filter(|v| v["phase"] == "running").count())
+        .unwrap_or(0);
+    if running != 2 {
+        bail!("expected both desktops running, got {both}");
+    }
     s.run(&["desktop", "stop", "corporate", "--dir", &agent_s])?;
     s.note("the next backup (desktop off) moves only what changed:");
     s.run(&["desktop", "backup", "--dir", &agent_s])?;
 
     s.say("The personal desktop: the user breaks it, rolls back, then resets it");
-    s.start_desktop("personal")?;
     s.type_into(
         "personal",
         "echo tuned > /root/state.txt; sync; echo tandem-demo: tuned",

@@ -221,6 +221,7 @@ fn demo_runs_the_whole_story() {
         "tandem-demo: system change gone",
         "[personal console] tandem-personal-state: tuned",
         "[personal console] tandem-personal-state: pristine",
+        "Both desktops at once",
         "corporate keys on the laptop: destroyed; corporate user disk: deleted",
         "backup 1 committed",
         "backup 2 committed",
@@ -581,7 +582,7 @@ fn both_desktops_survive_a_daemon_sigkill_and_are_managed_again_after_restart() 
     use super::fleet::{Backend, Fleet};
     let f = Fleet::start(Backend::Sqlite).expect("a SQLite fleet always starts");
     f.admin(&["user", "create", "erin"]).ok();
-    let (a, _) = f.enroll("laptop-e", "erin");
+    let (a, dev) = f.enroll("laptop-e", "erin");
     let _stop = StopOnDrop(vec![a.clone()]);
     for (name, file) in [
         ("corp-gold", "gold-v1.ext4"),
@@ -622,6 +623,17 @@ fn both_desktops_survive_a_daemon_sigkill_and_are_managed_again_after_restart() 
         .map(|v| v["qemu_pid"].as_u64().expect("running"))
         .collect();
     assert_eq!(pids.len(), 2, "{before}");
+    // Check-in reports both desktops' states to the server.
+    f.agent(&a, &["check-in"]).ok();
+    let shown = f.admin(&["device", "show", &dev, "--json"]).ok().json();
+    let vms = shown["last_report"]["vms"]
+        .as_array()
+        .expect("vms reported");
+    assert_eq!(
+        vms.iter().filter(|v| v["state"] == "running").count(),
+        2,
+        "{shown}"
+    );
 
     daemon.kill();
     // No daemon: the CLI says so and how to start it.
