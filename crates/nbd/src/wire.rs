@@ -562,7 +562,10 @@ mod tests {
         assert!(selects_base_allocation(&q(&["base:"]), true));
         assert!(selects_base_allocation(&q(&[]), true));
         assert!(!selects_base_allocation(&q(&[]), false));
-        assert!(!selects_base_allocation(&q(&["x-unknown:thing", "base:nothing"]), true));
+        assert!(!selects_base_allocation(
+            &q(&["x-unknown:thing", "base:nothing"]),
+            true
+        ));
     }
 
     #[test]
