@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
+# The first Debian archive URI in the machine's own apt configuration (deb822 or one-line).
+debian_mirror() {
+  {
+    grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+    grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
+  } | grep -v -e security -e backports | grep '/debian/\?$' | head -n1
+}
+
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
@@ -25,7 +33,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
     list=/etc/apt/sources.list.d/tandem-backports.list
     if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      echo "deb http://deb.debian.org/debian ${codename}-backports main" | $SUDO tee "$list" >/dev/null
+      # The mirror is the one this machine already uses for Debian itself.
+      mirror=$(debian_mirror)
+      if [ -z "$mirror" ]; then
+        echo "setup: cannot find this machine's Debian mirror in /etc/apt/sources.list*; add ${codename}-backports by hand" >&2
+        exit 3
+      fi
+      echo "deb ${mirror} ${codename}-backports main" | $SUDO tee "$list" >/dev/null
     fi
     backports="${codename}-backports"
   fi
