@@ -25,3 +25,8 @@ fi
 
 echo "test: cargo test (release profile: the same build as the demo)"
 cargo test --release --locked --workspace --no-fail-fast -- "$@"
+
+# Fuzzing (fuzz/README.md): replays every kept regression input and seed, then runs each
+# target for TANDEM_FUZZ_SECS (0 = replay only); a crash fails the suite.
+echo "test: fuzz (cargo-afl, ${TANDEM_FUZZ_SECS:-20} s per target)"
+scripts/fuzz.sh "${TANDEM_FUZZ_SECS:-20}"

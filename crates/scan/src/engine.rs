@@ -6,6 +6,9 @@
 //! the JSON length (u64 LE), JSON (rules info + blocklist), then YARA-X's own serialized
 //! rules to the end. Add a version, never edit version 1.
 //!
+//! Without the `yara` feature (and in a fuzzing build, `cfg(fuzzing)`) there is no rule
+//! engine: [`RuleSet::compile`] refuses YARA sources and only the blocklist matches.
+//!
 //! Bundles: the server signs a [`RuleBundle`] with its `rules` key as a
 //! [`tandem_proto::Signed`] of kind [`BUNDLE_KIND`]; [`RuleSet::from_bundle`] verifies it
 //! against the pinned key before a single rule is parsed.
@@ -204,16 +207,26 @@ impl RuleSet {
 
     /// Compiles the rules (once per scan).
     pub fn compile(&self) -> Result<Engine, ScanError> {
-        let mut c = yara_x::Compiler::new();
-        for r in &self.rules {
-            c.new_namespace(&r.name);
-            c.add_source(r.source.as_str())
-                .map_err(|e| ScanError::Rules {
-                    name: r.name.clone(),
-                    detail: e.to_string(),
-                })?;
+        #[cfg(all(feature = "yara", not(fuzzing)))]
+        let rules = {
+            let mut c = yara_x::Compiler::new();
+            for r in &self.rules {
+                c.new_namespace(&r.name);
+                c.add_source(r.source.as_str())
+                    .map_err(|e| ScanError::Rules {
+                        name: r.name.clone(),
+                        detail: e.to_string(),
+                    })?;
+            }
+            c.build()
+        };
+        #[cfg(not(all(feature = "yara", not(fuzzing))))]
+        if let Some(r) = self.rules.first() {
+            return Err(ScanError::Rules {
+                name: r.name.clone(),
+                detail: NO_YARA.into(),
+            });
         }
-        let rules = c.build();
         let mut blocklist = HashMap::new();
         for b in &self.blocklist {
             let h = parse_hash(&b.sha256)
@@ -223,16 +236,25 @@ impl RuleSet {
         let info = RulesInfo {
             source: self.origin.clone(),
             digest: self.digest(),
+            #[cfg(all(feature = "yara", not(fuzzing)))]
             rules: rules.iter().len(),
+            #[cfg(not(all(feature = "yara", not(fuzzing))))]
+            rules: 0,
             blocklist: blocklist.len(),
         };
         Ok(Engine {
+            #[cfg(all(feature = "yara", not(fuzzing)))]
             rules,
             blocklist,
             info,
         })
     }
 }
+
+/// Why YARA sources are refused by a build without the rule engine.
+#[cfg(not(all(feature = "yara", not(fuzzing))))]
+const NO_YARA: &str =
+    "this build has no YARA-X (feature `yara` off): only a SHA-256 blocklist can be used";
 
 fn parse_hash(s: &str) -> Option<[u8; 32]> {
     let v = hex::decode(s).ok()?;
@@ -265,6 +287,7 @@ fn parse_blocklist(text: &str) -> Result<Vec<BlockEntry>, (usize, String)> {
 
 /// Compiled rules and the blocklist, ready to match.
 pub struct Engine {
+    #[cfg(all(feature = "yara", not(fuzzing)))]
     rules: yara_x::Rules,
     blocklist: HashMap<[u8; 32], String>,
     info: RulesInfo,
@@ -299,10 +322,13 @@ impl Engine {
                 .collect(),
         };
         let json = serde_json::to_vec(&header).expect("plain data serializes");
+        #[cfg(all(feature = "yara", not(fuzzing)))]
         let rules = self.rules.serialize().map_err(|e| ScanError::Rules {
             name: "compiled".into(),
             detail: e.to_string(),
         })?;
+        #[cfg(not(all(feature = "yara", not(fuzzing))))]
+        let rules: Vec<u8> = Vec::new();
         let mut out = Vec::with_capacity(ENGINE_MAGIC.len() + 12 + json.len() + rules.len());
         out.extend_from_slice(ENGINE_MAGIC);
         out.extend_from_slice(&ENGINE_VERSION.to_le_bytes());
@@ -339,12 +365,18 @@ impl Engine {
         }
         let header: EngineHeader =
             serde_json::from_slice(&b[js..js + jl]).map_err(|e| bad(&e.to_string()))?;
+        #[cfg(all(feature = "yara", not(fuzzing)))]
         let rules = yara_x::Rules::deserialize(&b[js + jl..]).map_err(|e| bad(&e.to_string()))?;
+        #[cfg(not(all(feature = "yara", not(fuzzing))))]
+        if b.len() > js + jl {
+            return Err(bad(NO_YARA));
+        }
         let mut blocklist = HashMap::new();
         for (k, v) in header.blocklist {
             blocklist.insert(parse_hash(&k).ok_or_else(|| bad("bad hash"))?, v);
         }
         Ok(Engine {
+            #[cfg(all(feature = "yara", not(fuzzing)))]
             rules,
             blocklist,
             info: header.info,
@@ -353,10 +385,17 @@ impl Engine {
 
     /// A matcher for one thread; `timeout` bounds each file's rule evaluation.
     pub fn matcher(&self, timeout: Duration) -> Matcher<'_> {
-        let mut scanner = yara_x::Scanner::new(&self.rules);
-        scanner.set_timeout(timeout);
+        #[cfg(all(feature = "yara", not(fuzzing)))]
+        let scanner = {
+            let mut scanner = yara_x::Scanner::new(&self.rules);
+            scanner.set_timeout(timeout);
+            scanner
+        };
+        #[cfg(not(all(feature = "yara", not(fuzzing))))]
+        let _ = timeout;
         Matcher {
             engine: self,
+            #[cfg(all(feature = "yara", not(fuzzing)))]
             scanner,
         }
     }
@@ -365,6 +404,7 @@ impl Engine {
 /// Matches file contents; reuse it for every file of a volume.
 pub struct Matcher<'r> {
     engine: &'r Engine,
+    #[cfg(all(feature = "yara", not(fuzzing)))]
     scanner: yara_x::Scanner<'r>,
 }
 
@@ -391,7 +431,15 @@ impl Matcher<'_> {
         })
     }
 
+    /// The rules matching `data` (none without the rule engine).
+    #[cfg(not(all(feature = "yara", not(fuzzing))))]
+    pub fn rules(&mut self, data: &[u8]) -> Result<Vec<Hit>, MatchError> {
+        let _ = data;
+        Ok(Vec::new())
+    }
+
     /// The rules matching `data`.
+    #[cfg(all(feature = "yara", not(fuzzing)))]
     pub fn rules(&mut self, data: &[u8]) -> Result<Vec<Hit>, MatchError> {
         let res = self.scanner.scan(data).map_err(|e| match e {
             yara_x::ScanError::Timeout => MatchError::Timeout,
@@ -407,7 +455,7 @@ impl Matcher<'_> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "yara", not(fuzzing)))]
 mod tests {
     use super::*;
 

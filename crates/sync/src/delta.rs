@@ -207,6 +207,18 @@ pub fn apply(
     new: &Manifest,
     sink: &mut dyn FnMut(ChunkId, Vec<u8>) -> Result<(), SyncError>,
 ) -> Result<ApplyStats, SyncError> {
+    apply_from(input, old.manifest().version, old, new, sink)
+}
+
+/// [`apply`] against any random-access view of version `old_version` (the decoder alone,
+/// without a store: what the fuzzer and tests feed).
+pub fn apply_from(
+    input: &mut dyn Read,
+    old_version: u64,
+    old: &dyn tandem_disk::ReadAt,
+    new: &Manifest,
+    sink: &mut dyn FnMut(ChunkId, Vec<u8>) -> Result<(), SyncError>,
+) -> Result<ApplyStats, SyncError> {
     let mut z = zstd::stream::Decoder::new(input)
         .map_err(|e| delta_err(format!("not a zstd stream: {e}")))?;
     let mut head = [0u8; HEADER_LEN];
@@ -218,12 +230,10 @@ pub fn apply(
     let from = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
     let to = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
     let cs = u32::from_le_bytes(head[24..28].try_into().expect("4 bytes"));
-    if from != old.manifest().version || to != new.version || cs != new.chunk_size {
+    if from != old_version || to != new.version || cs != new.chunk_size {
         return Err(delta_err(format!(
             "delta is v{from}->v{to} (chunk size {cs}), wanted v{}->v{} (chunk size {})",
-            old.manifest().version,
-            new.version,
-            new.chunk_size
+            old_version, new.version, new.chunk_size
         )));
     }
     let old_size = old.size();
@@ -270,7 +280,7 @@ pub fn apply(
                         })?;
                     old.read_at(&mut buf[s..e], at)
                         .map_err(|err| SyncError::OldVersion {
-                            version: old.manifest().version,
+                            version: old_version,
                             reason: err.to_string(),
                         })?;
                 }

@@ -1,6 +1,5 @@
-//! ext2/3/4 block bitmaps and NTFS `$Bitmap` (what publish reads to drop free space).
+//! `tandem_fuzz::targets::allocation` under AFL++ (see the function's doc).
 fn main() {
-    afl::fuzz!(|data: &[u8]| {
-        let _ = tandem_disk::unused_ranges(tandem_fuzz::disk(data));
-    });
+    tandem_fuzz::install_panic_policy();
+    afl::fuzz_nohook!(|data: &[u8]| tandem_fuzz::targets::allocation(data));
 }

@@ -1,15 +1,5 @@
-//! Backup manifest: the upload body a device sends, its staged parts and the head.
-use tandem_proto::backup::{BackupHead, BackupUpload, ManifestPart};
-
+//! `tandem_fuzz::targets::backup_manifest` under AFL++ (see the function's doc).
 fn main() {
-    afl::fuzz!(|data: &[u8]| {
-        if let Ok(u) = serde_json::from_slice::<BackupUpload>(data) {
-            let _ = u.manifest.validate();
-            if let Some(s) = &u.staged {
-                let _ = tandem_proto::backup::valid_upload_id(&s.upload);
-            }
-        }
-        let _ = serde_json::from_slice::<ManifestPart>(data);
-        let _ = serde_json::from_slice::<BackupHead>(data);
-    });
+    tandem_fuzz::install_panic_policy();
+    afl::fuzz_nohook!(|data: &[u8]| tandem_fuzz::targets::backup_manifest(data));
 }

@@ -1,11 +1,5 @@
-//! Manifest decoder: a signed envelope as JSON, verified, and a bare manifest validated.
+//! `tandem_fuzz::targets::manifest` under AFL++ (see the function's doc).
 fn main() {
-    afl::fuzz!(|data: &[u8]| {
-        let _ = tandem_proto::manifest::Manifest::verify_json(data, &tandem_fuzz::trusted());
-        if let Ok(m) = serde_json::from_slice::<tandem_proto::manifest::Manifest>(data) {
-            if m.validate().is_ok() {
-                let _ = m.chunk_set();
-            }
-        }
-    });
+    tandem_fuzz::install_panic_policy();
+    afl::fuzz_nohook!(|data: &[u8]| tandem_fuzz::targets::manifest(data));
 }

@@ -1,18 +1,5 @@
-//! Manifest delta decoder (`manifest?against=`): decoded and applied against a small base.
-use tandem_proto::manifest::{Manifest, ManifestDelta, MANIFEST_FORMAT};
-
+//! `tandem_fuzz::targets::manifest_delta` under AFL++ (see the function's doc).
 fn main() {
-    let base = Manifest {
-        format: MANIFEST_FORMAT,
-        name: "gold".into(),
-        version: 1,
-        size: 4 * 65536,
-        chunk_size: 65536,
-        chunks: vec![None; 4],
-    };
-    afl::fuzz!(|data: &[u8]| {
-        if let Ok(d) = serde_json::from_slice::<ManifestDelta>(data) {
-            let _ = d.apply(&base, &tandem_fuzz::trusted());
-        }
-    });
+    tandem_fuzz::install_panic_policy();
+    afl::fuzz_nohook!(|data: &[u8]| tandem_fuzz::targets::manifest_delta(data));
 }

@@ -1,8 +1,5 @@
-//! NBD transmission request header and option payload parsers.
+//! `tandem_fuzz::targets::nbd_request` under AFL++ (see the function's doc).
 fn main() {
-    afl::fuzz!(|data: &[u8]| {
-        let _ = tandem_nbd::wire::parse_request(data);
-        let _ = tandem_nbd::wire::parse_meta_context_option(data);
-        let _ = tandem_nbd::wire::parse_info_option(data);
-    });
+    tandem_fuzz::install_panic_policy();
+    afl::fuzz_nohook!(|data: &[u8]| tandem_fuzz::targets::nbd_request(data));
 }

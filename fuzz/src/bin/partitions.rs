@@ -1,13 +1,5 @@
-//! MBR/GPT: the volume list, each volume's filesystem signature.
+//! `tandem_fuzz::targets::partitions` under AFL++ (see the function's doc).
 fn main() {
-    afl::fuzz!(|data: &[u8]| {
-        let view = tandem_fuzz::disk(data);
-        if let Ok(vols) = tandem_disk::volumes(&*view) {
-            for v in vols {
-                if let Ok(s) = v.view(view.clone()) {
-                    let _ = tandem_disk::detect_fs(&s);
-                }
-            }
-        }
-    });
+    tandem_fuzz::install_panic_policy();
+    afl::fuzz_nohook!(|data: &[u8]| tandem_fuzz::targets::partitions(data));
 }
