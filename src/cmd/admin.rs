@@ -9,6 +9,7 @@ use tandem_proto::fleet::{
     Assign, AuditEntry, CreateToken, CreateUser, DeviceInfo, ImageRef, KillRequest, Policy,
     PolicyInfo, SetPolicy, TokenCreated, UserInfo,
 };
+use tandem_tools::clock::now_secs as now;
 
 use crate::output::{print_json, Global};
 
@@ -618,13 +619,6 @@ fn opt_ref(r: &Option<ImageRef>) -> String {
     r.as_ref()
         .map(|r| r.to_string())
         .unwrap_or_else(|| "-".into())
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn fmt_time(t: u64) -> String {

@@ -134,25 +134,16 @@ async fn serve(args: ServerArgs) -> anyhow::Result<u8> {
     Ok(crate::exit::SUCCESS)
 }
 
-/// Creates `path` (never overwriting) with mode 0600 and writes `secret` to it.
+/// Creates `path` (never overwriting) with mode 0600 holding `secret`.
 fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| {
+    tandem_tools::atomic::write_new(path, format!("{secret}\n").as_bytes(), 0o600).with_context(
+        || {
             format!(
                 "creating admin token file {} (it must not exist yet)",
                 path.display()
             )
-        })?;
-    f.write_all(format!("{secret}\n").as_bytes())
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        },
+    )
 }
 
 async fn shutdown_signal() {

@@ -457,10 +457,7 @@ fn phase_name(p: Phase) -> &'static str {
 }
 
 fn ago(unix: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(unix);
+    let now = tandem_tools::clock::now_secs();
     format!(
         "{} ago",
         humantime::format_duration(Duration::from_secs(now.saturating_sub(unix)))
@@ -641,19 +638,11 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     let dir = base.join(format!(
-        "tandem-vm-{}-{}",
-        std::process::id(),
-        rand_suffix()
+        "tandem-vm-{}",
+        tandem_tools::atomic::unique_suffix()
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0)
 }
 
 fn console(

@@ -13,6 +13,7 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use tandem_proto::auth::{self, RequestSignature};
 use tandem_proto::SigningKey;
+use tandem_tools::clock::now_secs as now;
 
 use super::util::{free_port, run, tandem, wait_for, wait_for_text, Ran, Reaped};
 
@@ -134,13 +135,6 @@ fn publish(data: &Path, name: &str, version: u64) {
         .arg(data)
         .args(["--version", &version.to_string(), "--force", "--json"]))
     .ok();
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
 }
 
 fn rt() -> tokio::runtime::Runtime {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use tandem_proto::auth::{self, RequestSignature};
 use tandem_proto::fleet::{self, KillAck, KillAckRequest};
 use tandem_proto::SigningKey;
+use tandem_tools::clock::now_secs as now;
 
 use super::util::{free_port, run, tandem, wait_for_text, Ran, Reaped};
 
@@ -159,13 +160,6 @@ fn publish(data: &Path, name: &str, version: u64) {
         // A made-up disk has no filesystem to scan: publish it anyway.
         .args(["--version", &version.to_string(), "--force", "--json"]))
     .ok();
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
 }
 
 /// A raw HTTP request, optionally signed as `device` with `key` (at `time`).

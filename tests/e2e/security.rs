@@ -7,16 +7,10 @@ use std::path::Path;
 
 use tandem_proto::auth::{self, RequestSignature};
 use tandem_proto::SigningKey;
+use tandem_tools::clock::now_secs as now;
 
 use super::fleet::{Backend, Fleet};
 use super::util::{run, tandem, wait_for, Reaped};
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
 
 fn device_key(dir: &Path) -> SigningKey {
     let text = std::fs::read_to_string(dir.join("identity/device.key")).expect("device key");

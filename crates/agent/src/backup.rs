@@ -301,17 +301,11 @@ pub async fn restore_latest(
     let Some((seq, manifest)) = latest_manifest(&http, &id).await? else {
         return Ok(None);
     };
-    let tmp = dest.with_extension("restore.tmp");
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-    }
-    let mut f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    // Removed by its drop on every early return.
+    let mut temp = tandem_tools::atomic::TempFile::beside(dest, tandem_tools::atomic::DEFAULT_MODE)
+        .map_err(io(dest))?;
+    let tmp = temp.path().to_path_buf();
+    let f = temp.file();
     f.set_len(manifest.size).map_err(io(&tmp))?;
     let cs = u64::from(manifest.chunk_size);
     // Where each chunk was first written: a repeat is copied from there, so memory holds
@@ -338,7 +332,6 @@ pub async fn restore_latest(
                 )
                 .await?;
                 if ChunkId::of(&data) != *cid {
-                    let _ = std::fs::remove_file(&tmp);
                     return Err(BackupError::BadChunk(*cid));
                 }
                 chunks += 1;
@@ -349,9 +342,7 @@ pub async fn restore_latest(
         f.seek(SeekFrom::Start(offset)).map_err(io(&tmp))?;
         f.write_all(&data).map_err(io(&tmp))?;
     }
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    temp.persist().map_err(io(dest))?;
     Ok(Some(RestoreReport {
         seq,
         disk_bytes: manifest.size,

@@ -84,9 +84,7 @@ fn remove_if_exists(p: &Path) -> Result<(), EscrowError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), EscrowError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    tandem_tools::atomic::sync_dir(dir).map_err(io(dir))
 }
 
 /// The user disk key (see the module doc). Call only after the lease check passed.
@@ -106,12 +104,16 @@ pub async fn user_disk_key(
     if pending.exists() {
         tracing::warn!("an earlier re-provisioning did not finish; starting it over");
     }
-    std::fs::write(&pending, crate::now().to_string()).map_err(io(&pending))?;
-    sync_dir(&corp)?;
+    tandem_tools::atomic::write_atomic(
+        &pending,
+        crate::now().to_string().as_bytes(),
+        tandem_tools::atomic::DEFAULT_MODE,
+    )
+    .map_err(io(&pending))?;
     // Whatever an interrupted attempt left is not to be trusted.
+    tandem_tools::atomic::remove_stale(&tmp).map_err(io(&tmp))?;
     for p in [
         &tmp,
-        &disk.with_extension("qcow2.restore.tmp"),
         &disk,
         &layout.keys_dir().join("user-disk.wrapped"),
         &layout.keys_dir().join("wrap.key"),

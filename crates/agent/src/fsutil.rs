@@ -1,7 +1,6 @@
 //! Small, careful file helpers: atomic writes, versioned JSON state files, erasure.
 
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -28,27 +27,12 @@ pub enum FileError {
     },
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename) with mode `mode`.
+/// [`tandem_tools::atomic::write_atomic`], its error naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
-    let io = |source| FileError::Io {
+    tandem_tools::atomic::write_atomic(path, bytes, mode).map_err(|source| FileError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    })
 }
 
 /// A JSON state file: `{"format": FORMAT, ...value}`. The format tag is the file's

@@ -89,12 +89,7 @@ impl AgentDir {
 }
 
 /// Unix seconds by the device clock.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use tandem_tools::clock::now_secs as now;
 
 /// Shared test fixture: an enrolled identity with known server keys, no server.
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! NEVER edit or reorder an entry once committed: add a new one at the end. Both lists
 //! must describe the same tables and columns (a test compares their lengths).
 
+use tandem_tools::clock::now_secs_i64 as now;
+
 use crate::DbError;
 
 /// SQLite schema, in order.
@@ -174,13 +176,6 @@ CREATE INDEX devices_lease ON devices (lease_not_after);
 
 const CREATE_SCHEMA_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS tandem_schema (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 macro_rules! runner {
     ($fn:ident, $pool:ty, $db:ty, $list:expr, $lock:expr) => {

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
+use tandem_tools::atomic::{TempFile, DEFAULT_MODE};
 
 use crate::DesktopError;
 
@@ -44,38 +45,47 @@ fn alone(image: &Path) -> String {
     format!("json:{v}")
 }
 
+/// Lets `write` (a tool) fill a temp file beside `out`, then moves it over `out`: a
+/// failure (disk full included) leaves any previous file at `out` untouched and no temp
+/// file behind. Temp files of crashed earlier runs are removed first.
+fn write_beside(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<(), DesktopError>,
+) -> Result<(), DesktopError> {
+    tandem_tools::atomic::remove_stale(out).map_err(|e| DesktopError::io(out, e))?;
+    let tmp = TempFile::beside(out, DEFAULT_MODE).map_err(|e| DesktopError::io(out, e))?;
+    write(tmp.path()).map_err(|e| match e {
+        DesktopError::DiskFull { .. } => DesktopError::DiskFull {
+            path: out.to_path_buf(),
+        },
+        other => other,
+    })?;
+    tmp.persist().map_err(|e| DesktopError::io(out, e))
+}
+
 /// Creates a qcow2 overlay at `out` over `backing` (raw), atomically: a failure (disk
 /// full included) leaves any previous file at `out` untouched.
 pub fn create_overlay(backing: &str, size: u64, out: &Path) -> Result<(), DesktopError> {
-    let tmp = out.with_extension("qcow2.tmp");
-    let _ = std::fs::remove_file(&tmp);
     let size = size.to_string();
-    let result = qemu_img(
-        "create (overlay)",
-        &[
-            "create",
-            "-q",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            backing,
-            &tmp.to_string_lossy(),
-            &size,
-        ],
-    );
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(match e {
-            DesktopError::DiskFull { .. } => DesktopError::DiskFull {
-                path: out.to_path_buf(),
-            },
-            other => other,
-        });
-    }
-    std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+    write_beside(out, |tmp| {
+        qemu_img(
+            "create (overlay)",
+            &[
+                "create",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                backing,
+                &tmp.to_string_lossy(),
+                &size,
+            ],
+        )
+        .map(drop)
+    })
 }
 
 /// Creates the encrypted user disk: an ext4 filesystem inside a LUKS qcow2 whose
@@ -85,53 +95,45 @@ pub fn create_luks_user_disk(
     size_mib: u64,
     secret_file: &Path,
 ) -> Result<(), DesktopError> {
-    let raw = out.with_extension("raw.tmp");
-    let tmp = out.with_extension("qcow2.tmp");
-    let cleanup = || {
-        let _ = std::fs::remove_file(&raw);
-        let _ = std::fs::remove_file(&tmp);
-    };
-    let f = std::fs::File::create(&raw).map_err(|e| DesktopError::io(&raw, e))?;
-    f.set_len(size_mib * 1024 * 1024)
-        .map_err(|e| DesktopError::io(&raw, e))?;
-    drop(f);
+    // The plaintext scratch filesystem: a temp file never persisted, removed when dropped.
+    let raw_target = out.with_extension("raw");
+    tandem_tools::atomic::remove_stale(&raw_target).map_err(|e| DesktopError::io(out, e))?;
+    let mut raw = TempFile::beside(&raw_target, DEFAULT_MODE)
+        .map_err(|e| DesktopError::io(&raw_target, e))?;
+    let raw_path = raw.path().to_path_buf();
+    raw.file()
+        .set_len(size_mib * 1024 * 1024)
+        .map_err(|e| DesktopError::io(&raw_path, e))?;
     let mkfs = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "tandem-user"])
-        .arg(&raw)
+        .arg(&raw_path)
         .output()
-        .map_err(|e| {
-            cleanup();
-            DesktopError::io("mkfs.ext4", e)
-        })?;
+        .map_err(|e| DesktopError::io("mkfs.ext4", e))?;
     if !mkfs.status.success() {
-        cleanup();
         return Err(DesktopError::QemuImg {
             action: "mkfs.ext4 (user disk)".into(),
             stderr: String::from_utf8_lossy(&mkfs.stderr).trim().to_string(),
         });
     }
     let secret = format!("secret,id=sec0,file={}", secret_file.display());
-    let result = qemu_img(
-        "convert (encrypt user disk)",
-        &[
-            "convert",
-            "-q",
-            "--object",
-            &secret,
-            "-O",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
-            &raw.to_string_lossy(),
-            &tmp.to_string_lossy(),
-        ],
-    );
-    let _ = std::fs::remove_file(&raw);
-    if let Err(e) = result {
-        cleanup();
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+    write_beside(out, |tmp| {
+        qemu_img(
+            "convert (encrypt user disk)",
+            &[
+                "convert",
+                "-q",
+                "--object",
+                &secret,
+                "-O",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0",
+                &raw_path.to_string_lossy(),
+                &tmp.to_string_lossy(),
+            ],
+        )
+        .map(drop)
+    })
 }
 
 /// One internal snapshot (recovery point).
@@ -246,6 +248,8 @@ mod tests {
             before,
             "the old overlay must survive"
         );
-        assert!(!mnt.join("system.qcow2.tmp").exists());
+        assert!(tandem_tools::atomic::temp_files(&ov)
+            .expect("list")
+            .is_empty());
     }
 }

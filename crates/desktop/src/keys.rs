@@ -8,8 +8,6 @@
 //! 32 bytes (QEMU secrets must be UTF-8).
 
 use std::fmt;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -59,20 +57,7 @@ impl SecretKey {
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), DesktopError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| DesktopError::io(parent, e))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| DesktopError::io(&tmp, e))?;
-    f.write_all(data).map_err(|e| DesktopError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| DesktopError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DesktopError::io(path, e))
+    tandem_tools::atomic::write_atomic(path, data, 0o600).map_err(|e| DesktopError::io(path, e))
 }
 
 /// Wraps `key` with `wrap`.

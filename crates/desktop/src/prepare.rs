@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use tandem_tools::atomic::{write_atomic, TempFile, DEFAULT_MODE};
 use tandem_vm::rundir::Sidecar;
 use tandem_vm::{Accel, Boot, DeviceControls, DiskFormat, DiskSpec, Network, Serial, VmSpec};
 
@@ -96,7 +97,7 @@ pub fn corporate(
     }
     let record = layout.base_record(Desktop::Corporate);
     let json = serde_json::to_vec_pretty(base).expect("base serializes");
-    std::fs::write(&record, json).map_err(|e| DesktopError::io(&record, e))?;
+    write_atomic(&record, &json, DEFAULT_MODE).map_err(|e| DesktopError::io(&record, e))?;
     let disks = vec![
         DiskSpec {
             path: layout.corporate_system(),
@@ -149,11 +150,12 @@ pub fn personal(
         disks::create_overlay(&base.backing(), size, &overlay)?;
     }
     if !binding.exists() {
-        std::fs::write(&binding, base.label()).map_err(|e| DesktopError::io(&binding, e))?;
+        write_atomic(&binding, base.label().as_bytes(), DEFAULT_MODE)
+            .map_err(|e| DesktopError::io(&binding, e))?;
     }
     let record = layout.base_record(Desktop::Personal);
     let json = serde_json::to_vec_pretty(base).expect("base serializes");
-    std::fs::write(&record, json).map_err(|e| DesktopError::io(&record, e))?;
+    write_atomic(&record, &json, DEFAULT_MODE).map_err(|e| DesktopError::io(&record, e))?;
     let disks = vec![DiskSpec {
         path: overlay,
         format: DiskFormat::Qcow2,
@@ -184,9 +186,9 @@ pub fn user_disk_copy(layout: &Layout, out: &std::path::Path) -> Result<(), Desk
         });
     }
     let copy = |src: &std::path::Path| -> Result<(), DesktopError> {
-        let tmp = out.with_extension("tmp");
-        std::fs::copy(src, &tmp).map_err(|e| DesktopError::io(&tmp, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+        let tmp = TempFile::beside(out, DEFAULT_MODE).map_err(|e| DesktopError::io(out, e))?;
+        std::fs::copy(src, tmp.path()).map_err(|e| DesktopError::io(tmp.path(), e))?;
+        tmp.persist().map_err(|e| DesktopError::io(out, e))
     };
     if !crate::personal::is_running(layout, Desktop::Corporate)? {
         return copy(&disk);

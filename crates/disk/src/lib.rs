@@ -11,6 +11,8 @@
 //! - [`volumes`]: GPT (CRC-checked, backup used if the primary is damaged), MBR with
 //!   logical partitions, or the whole disk as one volume; [`detect_fs`] names what a volume
 //!   holds (ext, FAT, NTFS, LUKS, BitLocker, swap, LVM).
+//! - [`ext::Superblock`]: the ext2/3/4 superblock and group descriptors, decoded and
+//!   checked once for the allocation map and the scanner's ext walker.
 //! - [`unused_ranges`]: "free space never travels" — the byte ranges that ext2/3/4 block
 //!   bitmaps and NTFS `$Bitmap` mark unused, inside any partition, plus a per-volume report.
 //!   It never claims a byte outside a filesystem it fully understood.
@@ -34,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod ext;
 pub mod nbd;
 pub mod open;
 pub mod partition;

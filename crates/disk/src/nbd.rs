@@ -13,6 +13,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
 
+use tandem_tools::bytes::{be16, be32, be64};
+
 use crate::view::{check_bounds, ReadAt};
 use crate::DiskError;
 
@@ -55,12 +57,10 @@ impl NbdClient {
 fn handshake(s: &mut UnixStream) -> io::Result<u64> {
     let mut g = [0u8; 18];
     s.read_exact(&mut g)?;
-    if u64::from_be_bytes(g[0..8].try_into().expect("8 bytes")) != NBDMAGIC
-        || u64::from_be_bytes(g[8..16].try_into().expect("8 bytes")) != IHAVEOPT
-    {
+    if be64(&g, 0)? != NBDMAGIC || be64(&g, 8)? != IHAVEOPT {
         return Err(proto("not a newstyle NBD server"));
     }
-    let server_flags = u16::from_be_bytes([g[16], g[17]]);
+    let server_flags = be16(&g, 16)?;
     let no_zeroes = server_flags & 2 != 0;
     let client_flags: u32 = 1 | if no_zeroes { 2 } else { 0 };
     let mut out = Vec::new();
@@ -75,7 +75,7 @@ fn handshake(s: &mut UnixStream) -> io::Result<u64> {
         let mut z = [0u8; 124];
         s.read_exact(&mut z)?;
     }
-    Ok(u64::from_be_bytes(r[0..8].try_into().expect("8 bytes")))
+    Ok(be64(&r, 0)?)
 }
 
 impl ReadAt for NbdClient {
@@ -103,9 +103,7 @@ impl ReadAt for NbdClient {
             s.write_all(&req)?;
             let mut rep = [0u8; 16];
             s.read_exact(&mut rep)?;
-            let magic = u32::from_be_bytes(rep[0..4].try_into().expect("4 bytes"));
-            let error = u32::from_be_bytes(rep[4..8].try_into().expect("4 bytes"));
-            let got = u64::from_be_bytes(rep[8..16].try_into().expect("8 bytes"));
+            let (magic, error, got) = (be32(&rep, 0)?, be32(&rep, 4)?, be64(&rep, 8)?);
             if magic != REPLY_MAGIC || got != handle {
                 return Err(proto("unexpected reply"));
             }

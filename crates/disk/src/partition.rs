@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tandem_tools::bytes::{le16, le32, le64, Short};
 
 use crate::view::{ReadAt, Slice};
 use crate::DiskError;
@@ -138,9 +139,10 @@ pub fn detect_fs(view: &dyn ReadAt) -> std::io::Result<FsKind> {
 
 /// A FAT boot sector: a jump, a sane BIOS parameter block and the boot signature.
 fn looks_like_fat(b: &[u8]) -> bool {
-    let bps = u16::from_le_bytes([b[11], b[12]]);
+    let (Ok(bps), Ok(reserved)) = (le16(b, 11), le16(b, 14)) else {
+        return false;
+    };
     let spc = b[13];
-    let reserved = u16::from_le_bytes([b[14], b[15]]);
     let fats = b[16];
     (b[0] == 0xeb || b[0] == 0xe9)
         && b[510] == 0x55
@@ -180,7 +182,7 @@ pub fn volumes(disk: &dyn ReadAt) -> Result<Vec<Volume>, DiskError> {
     if matches!(fs, FsKind::Fat | FsKind::Ntfs | FsKind::Bitlocker) {
         return Ok(whole());
     }
-    let entries = mbr_entries(&mbr);
+    let entries = mbr_entries(&mbr)?;
     if entries.iter().any(|e| e.status & 0x7f != 0) {
         return Ok(whole());
     }
@@ -221,16 +223,20 @@ struct MbrEntry {
     sectors: u32,
 }
 
-fn mbr_entries(sector: &[u8]) -> Vec<MbrEntry> {
+/// The four entries of a 512-byte MBR or EBR sector.
+fn mbr_entries(sector: &[u8]) -> Result<Vec<MbrEntry>, DiskError> {
+    let short = |e: Short| DiskError::Table {
+        detail: format!("partition entry: {e}"),
+    };
     (0..4)
         .map(|i| {
             let e = &sector[446 + i * 16..446 + (i + 1) * 16];
-            MbrEntry {
+            Ok(MbrEntry {
                 status: e[0],
                 ty: e[4],
-                lba: u32::from_le_bytes([e[8], e[9], e[10], e[11]]),
-                sectors: u32::from_le_bytes([e[12], e[13], e[14], e[15]]),
-            }
+                lba: le32(e, 8).map_err(short)?,
+                sectors: le32(e, 12).map_err(short)?,
+            })
         })
         .collect()
 }
@@ -258,7 +264,7 @@ fn logical(
                 detail: format!("extended boot record at sector {ebr} has no signature"),
             });
         }
-        let e = mbr_entries(&s);
+        let e = mbr_entries(&s)?;
         if e[0].ty != 0 && e[0].sectors != 0 {
             out.push(Volume {
                 index: *next,
@@ -278,13 +284,6 @@ fn logical(
     Err(DiskError::Table {
         detail: format!("more than {MAX_LOGICAL} logical partitions"),
     })
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
 }
 
 /// The GPT with `ss`-byte sectors, primary first then backup; `None` when neither exists.
@@ -317,18 +316,19 @@ fn gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Option<Vec<Volume>>, D
         return Ok(None);
     }
     let bad = |detail: String| DiskError::Table { detail };
-    let hsize = le32(&h, 12) as usize;
+    let short = |e: Short| bad(format!("GPT header at LBA {lba}: {e}"));
+    let hsize = le32(&h, 12).map_err(short)? as usize;
     if !(92..=512).contains(&hsize) {
         return Err(bad(format!("GPT header at LBA {lba} has size {hsize}")));
     }
     let mut hc = h[..hsize].to_vec();
     hc[16..20].fill(0);
-    if crc32(&hc) != le32(&h, 16) {
+    if crc32(&hc) != le32(&h, 16).map_err(short)? {
         return Err(bad(format!("GPT header at LBA {lba} fails its CRC")));
     }
-    let entries_lba = le64(&h, 72);
-    let count = le32(&h, 80);
-    let esize = le32(&h, 84);
+    let entries_lba = le64(&h, 72).map_err(short)?;
+    let count = le32(&h, 80).map_err(short)?;
+    let esize = le32(&h, 84).map_err(short)?;
     if count > MAX_GPT_ENTRIES || !(128..=4096).contains(&esize) || !esize.is_multiple_of(8) {
         return Err(bad(format!(
             "GPT at LBA {lba}: {count} entries of {esize} bytes is out of bounds"
@@ -347,7 +347,7 @@ fn gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Option<Vec<Volume>>, D
             "GPT entry array at LBA {entries_lba} lies past the end of the disk"
         )));
     }
-    if crc32(&arr) != le32(&h, 88) {
+    if crc32(&arr) != le32(&h, 88).map_err(short)? {
         return Err(bad(format!(
             "GPT entry array at LBA {entries_lba} fails its CRC"
         )));
@@ -357,7 +357,8 @@ fn gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Option<Vec<Volume>>, D
         if e[..16].iter().all(|&b| b == 0) {
             continue;
         }
-        let (first, last) = (le64(e, 32), le64(e, 40));
+        let entry = |at| le64(e, at).map_err(|s| bad(format!("GPT partition {}: {s}", i + 1)));
+        let (first, last) = (entry(32)?, entry(40)?);
         if last < first {
             return Err(bad(format!(
                 "GPT partition {} ends before it starts",
@@ -366,7 +367,7 @@ fn gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Option<Vec<Volume>>, D
         }
         let name: Vec<u16> = e[56..128]
             .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .map_while(|c| le16(c, 0).ok())
             .take_while(|&c| c != 0)
             .collect();
         let name = String::from_utf16_lossy(&name);
@@ -375,7 +376,7 @@ fn gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Option<Vec<Volume>>, D
             table: TableKind::Gpt,
             start: first.saturating_mul(ss),
             len: (last - first + 1).saturating_mul(ss),
-            type_id: guid_string(&e[..16]),
+            type_id: guid_string(e.first_chunk().expect("GPT entries are at least 128 bytes")),
             name: (!name.is_empty()).then_some(name),
         });
     }
@@ -383,18 +384,14 @@ fn gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Option<Vec<Volume>>, D
 }
 
 /// A GUID in its mixed-endian text form.
-fn guid_string(g: &[u8]) -> String {
+fn guid_string(g: &[u8; 16]) -> String {
+    let [a0, a1, a2, a3, b0, b1, c0, c1, d0, d1, node @ ..] = *g;
     format!(
-        "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{}",
-        le32(g, 0),
-        u16::from_le_bytes([g[4], g[5]]),
-        u16::from_le_bytes([g[6], g[7]]),
-        g[8],
-        g[9],
-        g[10..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        "{:08x}-{:04x}-{:04x}-{d0:02x}{d1:02x}-{}",
+        u32::from_le_bytes([a0, a1, a2, a3]),
+        u16::from_le_bytes([b0, b1]),
+        u16::from_le_bytes([c0, c1]),
+        node.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
 }
 

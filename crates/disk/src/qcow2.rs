@@ -18,6 +18,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use tandem_tools::bytes::{be32, be64};
+
 use crate::open::BackingPolicy;
 use crate::view::{check_bounds, RawFile, ReadAt};
 use crate::DiskError;
@@ -71,13 +73,6 @@ impl std::fmt::Debug for Qcow2 {
     }
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
-}
-
 impl Qcow2 {
     /// Reads the qcow2 in the already opened `raw` (named `path`) and its backing chain,
     /// as far as `policy` allows. `depth` is how many overlays sit above it.
@@ -125,19 +120,21 @@ impl Qcow2 {
         if h[..4] != MAGIC {
             return Err(bad("not a qcow2 file (bad magic)".into()));
         }
-        let version = be32(&h, 4);
+        let h32 = |at| be32(&h, at).map_err(|e| bad(format!("header: {e}")));
+        let h64 = |at| be64(&h, at).map_err(|e| bad(format!("header: {e}")));
+        let version = h32(4)?;
         if version != 2 && version != 3 {
             return Err(bad(format!(
                 "unsupported qcow2 version {version} (2 and 3 are read)"
             )));
         }
-        let backing_offset = be64(&h, 8);
-        let backing_len = be32(&h, 16);
-        let cluster_bits = be32(&h, 20);
-        let size = be64(&h, 24);
-        let crypt = be32(&h, 32);
-        let l1_size = be32(&h, 36) as u64;
-        let l1_offset = be64(&h, 40);
+        let backing_offset = h64(8)?;
+        let backing_len = h32(16)?;
+        let cluster_bits = h32(20)?;
+        let size = h64(24)?;
+        let crypt = h32(32)?;
+        let l1_size = u64::from(h32(36)?);
+        let l1_offset = h64(40)?;
         if !(9..=21).contains(&cluster_bits) {
             return Err(bad(format!("cluster_bits {cluster_bits} outside 9..=21")));
         }
@@ -152,8 +149,8 @@ impl Qcow2 {
             if file_len < 104 {
                 return Err(bad("version 3 header is truncated".into()));
             }
-            let incompat = be64(&h, 72);
-            header_len = be32(&h, 100) as u64;
+            let incompat = h64(72)?;
+            header_len = u64::from(h32(100)?);
             if !(104..=cluster_size).contains(&header_len) {
                 return Err(bad(format!("header length {header_len} is invalid")));
             }
@@ -221,7 +218,11 @@ impl Qcow2 {
                 offset: l1_offset,
                 source,
             })?;
-        let l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| be64(c, 0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(format!("L1 table: {e}")))?;
         let backing = if backing_offset != 0 {
             if backing_len == 0 || backing_len > 1023 {
                 return Err(bad(format!(
@@ -298,7 +299,11 @@ impl Qcow2 {
         }
         let mut raw = vec![0u8; cs as usize];
         self.host.read_at(&mut raw, offset)?;
-        let table: Arc<Vec<u64>> = Arc::new(raw.chunks_exact(8).map(|c| be64(c, 0)).collect());
+        let table: Arc<Vec<u64>> = Arc::new(
+            raw.chunks_exact(8)
+                .map(|c| be64(c, 0))
+                .collect::<Result<_, _>>()?,
+        );
         if (cache.len() as u64 + 1) * cs > L2_CACHE_BYTES {
             cache.clear();
         }
@@ -435,7 +440,13 @@ fn read_extensions(
                 offset: pos,
                 source,
             })?;
-        let (ty, len) = (be32(&h, 0), be32(&h, 4) as u64);
+        let field = |at| {
+            be32(&h, at).map_err(|e| DiskError::Qcow2 {
+                path: path.to_path_buf(),
+                detail: format!("header extension: {e}"),
+            })
+        };
+        let (ty, len) = (field(0)?, u64::from(field(4)?));
         if ty == 0 {
             break;
         }

@@ -20,7 +20,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tandem_tools::bytes::Short;
 
+use crate::ext::{
+    GroupDesc, Superblock, BG_BLOCK_UNINIT, INCOMPAT_META_BG, INCOMPAT_RECOVER, RO_COMPAT_BIGALLOC,
+    RO_COMPAT_GDT_CSUM, RO_COMPAT_METADATA_CSUM, RO_COMPAT_SPARSE_SUPER, SUPERBLOCK_LEN,
+    SUPERBLOCK_OFFSET,
+};
 use crate::partition::{detect_fs, volumes, FsKind, Volume};
 use crate::view::{ReadAt, ReadAtCursor, Slice};
 use crate::DiskError;
@@ -154,13 +160,6 @@ fn rd(view: &dyn ReadAt, offset: u64, len: usize) -> Result<Vec<u8>, String> {
     Ok(b)
 }
 
-fn le16(b: &[u8], at: usize) -> u64 {
-    u16::from_le_bytes([b[at], b[at + 1]]) as u64
-}
-fn le32(b: &[u8], at: usize) -> u64 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice")) as u64
-}
-
 /// Whether ext group `g` carries a superblock backup.
 fn ext_has_super(g: u64, sparse: bool, sparse2: Option<[u64; 2]>) -> bool {
     if g == 0 {
@@ -183,102 +182,63 @@ fn ext_has_super(g: u64, sparse: bool, sparse2: Option<[u64; 2]>) -> bool {
 
 /// Unused byte ranges (volume-relative) of an ext2/3/4 filesystem.
 pub fn ext_unused(view: &dyn ReadAt) -> Result<Vec<Range<u64>>, String> {
-    let sb = rd(view, 1024, 1024)?;
-    if le16(&sb, 0x38) != 0xef53 {
-        return Err("no ext superblock".into());
-    }
-    let log = le32(&sb, 0x18);
-    if log > 6 {
-        return Err(format!("block size 1024<<{log} is invalid"));
-    }
-    let bs = 1024u64 << log;
-    let incompat = le32(&sb, 0x60);
-    let ro_compat = le32(&sb, 0x64);
-    let compat = le32(&sb, 0x5c);
-    if incompat & 0x4 != 0 {
+    let sb = Superblock::decode(&rd(view, SUPERBLOCK_OFFSET, SUPERBLOCK_LEN)?)
+        .map_err(|e| e.to_string())?;
+    if sb.incompat & INCOMPAT_RECOVER != 0 {
         return Err(
             "journal needs recovery; no free space claimed (mount or fsck the filesystem once)"
                 .into(),
         );
     }
-    if incompat & 0x10 != 0 {
+    if sb.incompat & INCOMPAT_META_BG != 0 {
         return Err("meta_bg layout is not read; no free space claimed".into());
     }
-    if ro_compat & 0x200 != 0 {
+    if sb.ro_compat & RO_COMPAT_BIGALLOC != 0 {
         return Err("bigalloc is not read; no free space claimed".into());
     }
-    let is64 = incompat & 0x80 != 0;
-    let blocks = le32(&sb, 0x4) | if is64 { le32(&sb, 0x150) << 32 } else { 0 };
-    let first_data = le32(&sb, 0x14);
-    let per_group = le32(&sb, 0x20);
-    let inodes_per_group = le32(&sb, 0x28);
-    let inode_size = if le32(&sb, 0x4c) >= 1 {
-        le16(&sb, 0x58)
-    } else {
-        128
-    };
-    let desc_size = if is64 { le16(&sb, 0xfe) } else { 32 };
-    let reserved_gdt = le16(&sb, 0xce);
-    let csum = ro_compat & (0x10 | 0x400) != 0;
-    let sparse = ro_compat & 0x1 != 0;
-    let sparse2 = (compat & 0x200 != 0).then(|| [le32(&sb, 0x24c), le32(&sb, 0x250)]);
-    if per_group == 0
-        || per_group > 8 * bs
-        || blocks <= first_data
-        || blocks.saturating_mul(bs) > view.size()
-    {
+    sb.check().map_err(|e| e.to_string())?;
+    let (bs, blocks, first_data, per_group) = (
+        sb.block_size,
+        sb.blocks,
+        sb.first_data_block,
+        sb.blocks_per_group,
+    );
+    if blocks.saturating_mul(bs) > view.size() {
         return Err(format!(
-            "geometry does not fit ({blocks} blocks of {bs} bytes, {per_group} per group, volume {} bytes)",
+            "geometry does not fit ({blocks} blocks of {bs} bytes, volume {} bytes)",
             view.size()
         ));
     }
-    if !(32..=1024).contains(&desc_size) || (inode_size < 128) || inode_size > bs {
-        return Err("descriptor or inode size out of range".into());
-    }
-    // The inode bitmap is one block: more inodes per group than bits in a block is not a
-    // filesystem (and would make the inode tables' extent absurd).
-    if inodes_per_group == 0 || inodes_per_group > 8 * bs {
-        return Err(format!(
-            "{inodes_per_group} inodes per group does not fit a {bs}-byte inode bitmap"
-        ));
-    }
-    let groups = (blocks - first_data).div_ceil(per_group);
-    let gdt_blocks = (groups * desc_size).div_ceil(bs);
+    let csum = sb.ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM) != 0;
+    let sparse = sb.ro_compat & RO_COMPAT_SPARSE_SUPER != 0;
+    let sparse2 = sb.sparse_super2();
+    let groups = sb.groups();
+    let desc_size = sb.desc_size;
     // Checked before any work: the descriptors and one bitmap block per group are all
     // this reads, so bound them (a hostile image may claim exabytes of sparse disk).
-    if groups * desc_size > MAX_BITMAP_BYTES || groups.saturating_mul(bs) > MAX_BITMAP_BYTES {
+    if groups.saturating_mul(desc_size) > MAX_BITMAP_BYTES
+        || groups.saturating_mul(bs) > MAX_BITMAP_BYTES
+    {
         return Err(format!(
             "{groups} block groups of {bs}-byte bitmaps exceed the {} MiB bitmap limit",
             MAX_BITMAP_BYTES >> 20
         ));
     }
-    let gdt = rd(view, (first_data + 1) * bs, (gdt_blocks * bs) as usize)?;
-    let it_blocks = (inodes_per_group * inode_size).div_ceil(bs);
-    struct Desc {
-        bitmap: u64,
-        flags: u64,
-    }
+    let gdt_blocks = (groups * desc_size).div_ceil(bs);
+    let gdt = rd(view, sb.gdt_offset(), (gdt_blocks * bs) as usize)?;
+    let it_blocks = (sb.inodes_per_group * sb.inode_size).div_ceil(bs);
     // Every group's bitmaps and inode table, as merged block ranges: what a group
     // without a bitmap on disk (BLOCK_UNINIT) may contain besides superblock backups.
     let mut meta: Vec<Range<u64>> = Vec::with_capacity(groups as usize * 3);
-    let descs: Vec<Desc> = (0..groups)
+    let descs: Vec<GroupDesc> = (0..groups)
         .map(|g| {
-            let d = &gdt[(g * desc_size) as usize..((g + 1) * desc_size) as usize];
-            let hi = |at: usize| if is64 { le32(d, at) << 32 } else { 0 };
-            let (bitmap, ibitmap, itable) = (
-                le32(d, 0) | hi(0x20),
-                le32(d, 4) | hi(0x24),
-                le32(d, 8) | hi(0x28),
-            );
-            meta.push(bitmap..bitmap.saturating_add(1));
-            meta.push(ibitmap..ibitmap.saturating_add(1));
-            meta.push(itable..itable.saturating_add(it_blocks));
-            Desc {
-                bitmap,
-                flags: le16(d, 0x12),
-            }
+            let d = sb.group(&gdt, g)?;
+            meta.push(d.block_bitmap..d.block_bitmap.saturating_add(1));
+            meta.push(d.inode_bitmap..d.inode_bitmap.saturating_add(1));
+            meta.push(d.inode_table..d.inode_table.saturating_add(it_blocks));
+            Ok(d)
         })
-        .collect();
+        .collect::<Result<_, Short>>()?;
     meta.sort_by_key(|r| r.start);
     let mut merged: Vec<Range<u64>> = Vec::with_capacity(meta.len());
     for r in meta {
@@ -293,7 +253,7 @@ pub fn ext_unused(view: &dyn ReadAt) -> Result<Vec<Range<u64>>, String> {
         let gstart = first_data + g * per_group;
         let count = per_group.min(blocks - gstart);
         let gend = gstart + count;
-        let bitmap = if csum && d.flags & 0x2 != 0 {
+        let bitmap = if csum && d.flags & BG_BLOCK_UNINIT != 0 {
             // No bitmap on disk: rebuild it the way the kernel does. Work is bounded by
             // the group's size: only the metadata ranges that overlap it are visited.
             let mut b = vec![0u8; bs as usize];
@@ -304,7 +264,7 @@ pub fn ext_unused(view: &dyn ReadAt) -> Result<Vec<Range<u64>>, String> {
                 }
             };
             if ext_has_super(g, sparse, sparse2) {
-                mark(gstart..gstart.saturating_add(1 + gdt_blocks + reserved_gdt));
+                mark(gstart..gstart.saturating_add(1 + gdt_blocks + sb.reserved_gdt_blocks));
             }
             let first = merged.partition_point(|r| r.end <= gstart);
             for r in merged[first..].iter().take_while(|r| r.start < gend) {
@@ -312,13 +272,13 @@ pub fn ext_unused(view: &dyn ReadAt) -> Result<Vec<Range<u64>>, String> {
             }
             b
         } else {
-            if d.bitmap >= blocks || d.bitmap == 0 {
+            if d.block_bitmap >= blocks || d.block_bitmap == 0 {
                 return Err(format!(
                     "group {g} block bitmap at block {} is outside the filesystem",
-                    d.bitmap
+                    d.block_bitmap
                 ));
             }
-            rd(view, d.bitmap * bs, bs as usize)?
+            rd(view, d.block_bitmap * bs, bs as usize)?
         };
         clear_runs(&bitmap, count, bs, gstart * bs, &mut out);
     }

@@ -250,9 +250,9 @@ pub fn build_initrd(
 ) -> Result<(), GuestError> {
     use cpio::Mode;
     let io = |e| GuestError::io(out, e);
-    let tmp = out.with_extension("tmp");
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut w = cpio::CpioWriter::new(std::io::BufWriter::new(file));
+    let mut tmp = tandem_tools::atomic::TempFile::beside(out, tandem_tools::atomic::DEFAULT_MODE)
+        .map_err(io)?;
+    let mut w = cpio::CpioWriter::new(std::io::BufWriter::new(tmp.file()));
     for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
         w.entry(d, Mode::Dir(0o755), &[]).map_err(io)?;
     }
@@ -278,7 +278,7 @@ pub fn build_initrd(
     )
     .map_err(io)?;
     w.finish().map_err(io)?;
-    std::fs::rename(&tmp, out).map_err(io)
+    tmp.persist().map_err(io)
 }
 
 /// Builds (or finds in the cache) the guest in `out`. `progress` hears each step.

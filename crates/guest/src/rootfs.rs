@@ -130,8 +130,9 @@ pub fn build_root_image(
         ],
         None,
     )?;
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    tandem_tools::atomic::remove_stale(out).map_err(|e| GuestError::io(out, e))?;
+    let tmp = tandem_tools::atomic::TempFile::beside(out, tandem_tools::atomic::DEFAULT_MODE)
+        .map_err(|e| GuestError::io(out, e))?;
     run_tool_env(
         "mkfs.ext4",
         &[
@@ -145,12 +146,12 @@ pub fn build_root_image(
             "root_owner=0:0,hash_seed=5a1d7e3c-0000-4000-8000-00000000beef",
             "-d",
             &stage.to_string_lossy(),
-            &tmp.to_string_lossy(),
+            &tmp.path().to_string_lossy(),
             &format!("{}M", spec.size_mib),
         ],
         &[("E2FSPROGS_FAKE_TIME", "1700000000")],
     )?;
-    std::fs::rename(&tmp, out).map_err(|e| GuestError::io(out, e))?;
+    tmp.persist().map_err(|e| GuestError::io(out, e))?;
     let _ = std::fs::remove_dir_all(&stage);
     Ok(out.to_path_buf())
 }

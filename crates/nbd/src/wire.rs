@@ -17,6 +17,8 @@
 //! 24  u32 length
 //! ```
 
+use tandem_tools::bytes::{be16, be32, be64};
+
 pub(crate) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub(crate) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub(crate) const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -169,18 +171,6 @@ pub enum RequestError {
     },
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("slice of 4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("slice of 8 bytes"))
-}
-
 /// Decodes the request header at the start of `buf` (the first [`REQUEST_LEN`] bytes;
 /// anything after them, such as a write's payload or the next request, is not looked at).
 ///
@@ -191,16 +181,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Request, RequestError> {
     if buf.len() < REQUEST_LEN {
         return Err(RequestError::Truncated { got: buf.len() });
     }
-    let magic = be32(buf, 0);
+    let truncated = |_| RequestError::Truncated { got: buf.len() };
+    let magic = be32(buf, 0).map_err(truncated)?;
     if magic != REQUEST_MAGIC {
         return Err(RequestError::BadMagic { magic });
     }
     Ok(Request {
-        flags: be16(buf, 4),
-        command: Command::from_wire(be16(buf, 6)),
-        handle: be64(buf, 8),
-        offset: be64(buf, 16),
-        length: be32(buf, 24),
+        flags: be16(buf, 4).map_err(truncated)?,
+        command: Command::from_wire(be16(buf, 6).map_err(truncated)?),
+        handle: be64(buf, 8).map_err(truncated)?,
+        offset: be64(buf, 16).map_err(truncated)?,
+        length: be32(buf, 24).map_err(truncated)?,
     })
 }
 
@@ -260,10 +251,10 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
     fn u32(&mut self, field: &'static str) -> Result<u32, OptionError> {
-        Ok(be32(self.take(4, field)?, 0))
+        be32(self.take(4, field)?, 0).map_err(|_| OptionError::Truncated { field })
     }
     fn u16(&mut self, field: &'static str) -> Result<u16, OptionError> {
-        Ok(be16(self.take(2, field)?, 0))
+        be16(self.take(2, field)?, 0).map_err(|_| OptionError::Truncated { field })
     }
     fn left(&self) -> usize {
         self.data.len() - self.at
@@ -309,11 +300,16 @@ pub fn parse_info_option(data: &[u8]) -> Result<InfoOption<'_>, OptionError> {
     let nlen = c.u32("export name length")? as usize;
     let export = c.take(nlen, "export name")?;
     let count = c.u16("information request count")? as usize;
-    let list = c.take(count * 2, "information requests")?;
+    let field = "information requests";
+    let list = c.take(count * 2, field)?;
     c.end()?;
     Ok(InfoOption {
         export,
-        requests: list.chunks_exact(2).map(|p| be16(p, 0)).collect(),
+        requests: list
+            .chunks_exact(2)
+            .map(|p| be16(p, 0))
+            .collect::<Result<_, _>>()
+            .map_err(|_| OptionError::Truncated { field })?,
     })
 }
 
@@ -642,20 +638,20 @@ mod tests {
             ],
         );
         assert_eq!(c.len(), CHUNK_HEADER_LEN + 4 + 16);
-        assert_eq!(be32(&c, 0), STRUCTURED_REPLY_MAGIC);
-        assert_eq!(be16(&c, 4), REPLY_FLAG_DONE);
-        assert_eq!(be16(&c, 6), REPLY_TYPE_BLOCK_STATUS);
-        assert_eq!(be64(&c, 8), 7);
-        assert_eq!(be32(&c, 16), 20);
-        assert_eq!(be32(&c, 20), BASE_ALLOCATION_ID);
-        assert_eq!((be32(&c, 24), be32(&c, 28)), (4096, 0));
+        assert_eq!(be32(&c, 0), Ok(STRUCTURED_REPLY_MAGIC));
+        assert_eq!(be16(&c, 4), Ok(REPLY_FLAG_DONE));
+        assert_eq!(be16(&c, 6), Ok(REPLY_TYPE_BLOCK_STATUS));
+        assert_eq!(be64(&c, 8), Ok(7));
+        assert_eq!(be32(&c, 16), Ok(20));
+        assert_eq!(be32(&c, 20), Ok(BASE_ALLOCATION_ID));
+        assert_eq!((be32(&c, 24), be32(&c, 28)), (Ok(4096), Ok(0)));
         assert_eq!(
             (be32(&c, 32), be32(&c, 36)),
-            (8192, STATE_HOLE | STATE_ZERO)
+            (Ok(8192), Ok(STATE_HOLE | STATE_ZERO))
         );
         let e = error_chunk(EINVAL, 9, "past the end");
-        assert_eq!(be16(&e, 6), REPLY_TYPE_ERROR);
-        assert_eq!(be32(&e, 20), EINVAL);
+        assert_eq!(be16(&e, 6), Ok(REPLY_TYPE_ERROR));
+        assert_eq!(be32(&e, 20), Ok(EINVAL));
         assert_eq!(&e[26..], b"past the end");
     }
 }

@@ -88,12 +88,11 @@ impl ScanState {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(self).expect("plain data serializes"),
+        tandem_tools::atomic::write_atomic(
+            path,
+            &serde_json::to_vec(self).expect("plain data serializes"),
+            tandem_tools::atomic::DEFAULT_MODE,
         )
-        .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        .map_err(io)
     }
 }

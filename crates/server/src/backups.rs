@@ -61,10 +61,10 @@ use tandem_proto::fleet::{DeviceId, DeviceStatus};
 use tandem_proto::manifest::{ChunkList, MAX_CHUNKS_PER_REQUEST};
 use tandem_proto::ChunkId;
 use tandem_store::Store;
+use tandem_tools::atomic::write_atomic;
 
 use crate::auth::{Admin, Caller};
 use crate::error::{parse_json, ApiError, InternalError};
-use crate::fsutil::write_atomic;
 use crate::{audit, now, AppState};
 
 /// Backups always kept, newest first.

@@ -36,6 +36,7 @@ use tandem_proto::manifest::{
 use tandem_proto::{ChunkId, PublicKey};
 use tandem_store::Store;
 use tandem_sync::{Catalog, SyncError};
+use tandem_tools::atomic::{TempFile, DEFAULT_MODE};
 
 /// Who is asking, as established by the authentication middleware.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,22 +226,16 @@ impl ImageService {
         }
         let ob = self.ensure_blocks(&old)?;
         let nb = self.ensure_blocks(&new)?;
-        let dir = path.parent().expect("delta paths have a parent");
-        std::fs::create_dir_all(dir).map_err(|e| ApiError::internal(&e))?;
-        let tmp = dir.join(format!(".{from}-{to}.{}.tmp", std::process::id()));
-        let res = (|| -> Result<(), String> {
-            let f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-            let mut w = std::io::BufWriter::new(f);
+        // Two requests for one delta each write their own temp file; the last rename wins.
+        (|| -> Result<(), String> {
+            let mut tmp = TempFile::beside(&path, DEFAULT_MODE).map_err(|e| e.to_string())?;
+            let mut w = std::io::BufWriter::new(tmp.file());
             tandem_sync::delta::compute(&self.store, &old, &ob, &new, &nb, &mut w)
                 .map_err(|e| e.to_string())?;
-            let f = w.into_inner().map_err(|e| e.to_string())?;
-            f.sync_all().map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, &path).map_err(|e| e.to_string())
-        })();
-        if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(ApiError::internal(&e));
-        }
+            w.into_inner().map_err(|e| e.to_string())?;
+            tmp.persist().map_err(|e| e.to_string())
+        })()
+        .map_err(|e| ApiError::internal(&e))?;
         tracing::info!(image = name, from, to, "delta computed");
         Ok(path)
     }

@@ -79,13 +79,15 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey, KeyError> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate();
-            crate::fsutil::write_atomic(path, key.to_base64().as_bytes(), 0o600).map_err(
-                |source| KeyError::Io {
+            // The first of two starting servers wins; the other uses the key it wrote.
+            match tandem_tools::atomic::write_new(path, key.to_base64().as_bytes(), 0o600) {
+                Ok(()) => Ok(key),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_key(path),
+                Err(source) => Err(KeyError::Io {
                     path: path.to_path_buf(),
                     source,
-                },
-            )?;
-            Ok(key)
+                }),
+            }
         }
         Err(source) => Err(KeyError::Io {
             path: path.to_path_buf(),
@@ -190,13 +192,20 @@ impl EscrowVault {
                 use base64::Engine as _;
                 let key: [u8; 32] = rand::random();
                 let text = base64::engine::general_purpose::STANDARD.encode(key);
-                crate::fsutil::write_atomic(key_file, text.as_bytes(), 0o600).map_err(
-                    |source| KeyError::Io {
-                        path: key_file.to_path_buf(),
-                        source,
-                    },
-                )?;
-                key
+                // Never replaced: escrowed keys sealed under it would be lost. When another
+                // server created it first, its key is the one.
+                match tandem_tools::atomic::write_new(key_file, text.as_bytes(), 0o600) {
+                    Ok(()) => key,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Self::open(data_dir, key_file)
+                    }
+                    Err(source) => {
+                        return Err(KeyError::Io {
+                            path: key_file.to_path_buf(),
+                            source,
+                        })
+                    }
+                }
             }
             Err(source) => {
                 return Err(KeyError::Io {
@@ -285,7 +294,7 @@ impl EscrowVault {
             Err(e) => return Err(e),
         }
         let path = self.path(user);
-        crate::fsutil::write_atomic(&path, self.seal(user, &key).as_bytes(), 0o600)
+        tandem_tools::atomic::write_atomic(&path, self.seal(user, &key).as_bytes(), 0o600)
             .map_err(|source| EscrowError::Io { path, source })?;
         Ok(true)
     }
@@ -322,7 +331,7 @@ impl EscrowVault {
             };
             let key = self.get_raw(&user)?;
             let path = new.path(&user);
-            crate::fsutil::write_atomic(&path, new.seal(&user, &key).as_bytes(), 0o600)
+            tandem_tools::atomic::write_atomic(&path, new.seal(&user, &key).as_bytes(), 0o600)
                 .map_err(|source| EscrowError::Io { path, source })?;
             n += 1;
         }
@@ -345,7 +354,7 @@ impl EscrowVault {
         let key = decode_key(&text).ok_or_else(|| EscrowError::Sealed {
             user: user.to_string(),
         })?;
-        crate::fsutil::write_atomic(&path, self.seal(user, &key).as_bytes(), 0o600)
+        tandem_tools::atomic::write_atomic(&path, self.seal(user, &key).as_bytes(), 0o600)
             .map_err(|source| EscrowError::Io { path, source })?;
         tracing::info!(user, "escrowed key from before sealing resealed");
         Ok(key)

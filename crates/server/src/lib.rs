@@ -26,7 +26,6 @@ pub mod backups;
 pub mod console;
 pub mod error;
 pub mod fleet;
-pub mod fsutil;
 pub mod images;
 pub mod keys;
 pub mod rules;
@@ -338,12 +337,7 @@ pub async fn serve(
 }
 
 /// Unix seconds now.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use tandem_tools::clock::now_secs as now;
 
 /// Appends to the audit log. An audit failure is logged as an error but does not undo
 /// the action it describes (which already happened).

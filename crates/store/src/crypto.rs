@@ -42,8 +42,6 @@ impl DataKey {
 
     /// Loads the key file, or creates it (0600) when it does not exist yet.
     pub fn load_or_create(path: &Path) -> Result<DataKey, StoreError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let io = |source| StoreError::Io {
             path: path.to_path_buf(),
             source,
@@ -51,22 +49,14 @@ impl DataKey {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(io)?;
-                }
                 let key = DataKey::generate();
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io)?;
-                f.write_all(hex::encode(key.0).as_bytes()).map_err(io)?;
-                f.sync_all().map_err(io)?;
-                std::fs::rename(&tmp, path).map_err(io)?;
-                Ok(key)
+                // Never replaced: data sealed under the first key would be lost. When
+                // another process created it first, its key is the one.
+                match tandem_tools::atomic::write_new(path, hex::encode(key.0).as_bytes(), 0o600) {
+                    Ok(()) => Ok(key),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(path),
+                    Err(e) => Err(io(e)),
+                }
             }
             Err(e) => Err(io(e)),
         }

@@ -64,6 +64,7 @@ use std::time::Duration;
 
 use redb::{ReadableTable as _, TableDefinition};
 use tandem_proto::ChunkId;
+use tandem_tools::clock::now_secs as now;
 
 pub use crypto::DataKey;
 pub use ingest::{ingest, IngestOptions, IngestResult};
@@ -340,13 +341,6 @@ pub struct IngestGuard(#[allow(dead_code)] File);
 /// [`IngestGuard`].
 #[derive(Debug)]
 pub struct GcLock(#[allow(dead_code)] File);
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 impl Store {
     /// Opens (creating if needed) a plain store: the server side.

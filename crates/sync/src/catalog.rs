@@ -19,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use tandem_proto::manifest::{validate_name, Manifest};
@@ -55,36 +55,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+/// [`tandem_tools::atomic::write_atomic`] (mode as `File::create`), its error naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SyncError> {
-    let dir = path.parent().expect("catalog paths have a parent");
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-        std::process::id(),
-        rand_suffix()
-    ));
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.map_err(io_err(path))
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    t ^ (N.fetch_add(1, Ordering::Relaxed) << 32)
+    tandem_tools::atomic::write_atomic(path, bytes, tandem_tools::atomic::DEFAULT_MODE)
+        .map_err(io_err(path))
 }
 
 /// Held while publishing into one image, so two publishes never pick the same version.

@@ -25,10 +25,12 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use tandem_tools::atomic::{write_atomic, DEFAULT_MODE};
+use tandem_tools::clock::now_secs as now;
 
 use crate::qmp::Qmp;
 use crate::spec::{Serial, VmSpec};
@@ -72,13 +74,6 @@ pub struct VmState {
     pub exit: Option<Exit>,
     /// Why it could not start.
     pub error: Option<String>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A helper process a VM needs while it runs.
@@ -207,14 +202,14 @@ impl RunDir {
     pub fn write_spec(&self, spec: &VmSpec) -> Result<(), VmError> {
         let path = self.dir.join("spec.json");
         let json = serde_json::to_vec_pretty(spec).expect("spec serializes");
-        std::fs::write(&path, json).map_err(|e| VmError::io(&path, e))
+        write_atomic(&path, &json, DEFAULT_MODE).map_err(|e| VmError::io(&path, e))
     }
 
     /// Records the helper processes the supervisor starts before QEMU.
     pub fn write_sidecars(&self, sidecars: &[Sidecar]) -> Result<(), VmError> {
         let path = self.dir.join("sidecars.json");
         let json = serde_json::to_vec_pretty(sidecars).expect("sidecars serialize");
-        std::fs::write(&path, json).map_err(|e| VmError::io(&path, e))
+        write_atomic(&path, &json, DEFAULT_MODE).map_err(|e| VmError::io(&path, e))
     }
 
     fn read_sidecars(&self) -> Result<Vec<Sidecar>, VmError> {
@@ -450,10 +445,8 @@ impl RunDir {
 
     fn write_state(&self, state: &VmState) -> Result<(), VmError> {
         let path = self.state_path();
-        let tmp = self.dir.join("state.json.tmp");
         let json = serde_json::to_vec_pretty(state).expect("state serializes");
-        std::fs::write(&tmp, json).map_err(|e| VmError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| VmError::io(&path, e))
+        write_atomic(&path, &json, DEFAULT_MODE).map_err(|e| VmError::io(&path, e))
     }
 
     /// The supervisor's body: hold the lock, run QEMU, record how it ended.

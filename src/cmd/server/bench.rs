@@ -15,6 +15,7 @@ use tandem_proto::fleet::{
     EnrollResponse, TargetState, TokenCreated, UserInfo,
 };
 use tandem_proto::SigningKey;
+use tandem_tools::clock::now_secs as now;
 
 use crate::cmd::admin::AdminClient;
 use crate::output::{print_json, Global};
@@ -228,11 +229,4 @@ where
     }
     all.sort_by_key(|(i, _)| *i);
     Ok(all.into_iter().map(|(_, t)| t).collect())
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

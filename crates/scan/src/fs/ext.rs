@@ -14,30 +14,34 @@
 
 use std::collections::HashSet;
 
+use tandem_disk::ext::{
+    Superblock, INCOMPAT_META_BG, INCOMPAT_RECOVER, RO_COMPAT_BIGALLOC, SUPERBLOCK_LEN,
+    SUPERBLOCK_OFFSET,
+};
 use tandem_disk::{ReadAt, Slice};
+use tandem_tools::bytes::{le16, le32};
 
 use crate::fs::{MAX_DEPTH, MAX_ENTRIES};
 use crate::model::{Reason, Verdict};
 use crate::volume::{Ctx, ReadFail};
 
-const INCOMPAT_RECOVER: u32 = 0x4;
-const INCOMPAT_META_BG: u32 = 0x10;
-const INCOMPAT_64BIT: u32 = 0x80;
-const RO_COMPAT_BIGALLOC: u32 = 0x200;
 const FL_EXTENTS: u32 = 0x8_0000;
 const FL_INLINE: u32 = 0x1000_0000;
 const FL_ENCRYPT: u32 = 0x800;
 const MAX_EXTENTS: usize = 1 << 20;
 
-fn le16(b: &[u8], at: usize) -> u64 {
-    u16::from_le_bytes([b[at], b[at + 1]]) as u64
-}
-fn le32(b: &[u8], at: usize) -> u64 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice")) as u64
-}
-
 fn perr(detail: impl Into<String>) -> ReadFail {
     (Reason::ParseError, detail.into())
+}
+
+/// The little-endian `u16` at `at`, widened; a field past the end is a parse error.
+fn u16_at(b: &[u8], at: usize) -> Result<u64, ReadFail> {
+    le16(b, at).map(u64::from).map_err(perr)
+}
+
+/// The little-endian `u32` at `at`, widened; a field past the end is a parse error.
+fn u32_at(b: &[u8], at: usize) -> Result<u64, ReadFail> {
+    le32(b, at).map(u64::from).map_err(perr)
 }
 
 struct Fs {
@@ -92,10 +96,10 @@ impl Fs {
         let mut iblock = [0u8; 60];
         iblock.copy_from_slice(&b[0x28..0x64]);
         Ok(Inode {
-            mode: le16(&b, 0),
-            size: le32(&b, 4) | (le32(&b, 0x6c) << 32),
-            mtime: le32(&b, 0x10) as u32 as i32 as i64,
-            flags: le32(&b, 0x20) as u32,
+            mode: u16_at(&b, 0)?,
+            size: u32_at(&b, 4)? | (u32_at(&b, 0x6c)? << 32),
+            mtime: i64::from(le32(&b, 0x10).map_err(perr)? as i32),
+            flags: le32(&b, 0x20).map_err(perr)?,
             iblock,
         })
     }
@@ -120,36 +124,36 @@ impl Fs {
     }
 
     fn extent_node(&self, node: &[u8], depth: u32, out: &mut Vec<Run>) -> Result<(), ReadFail> {
-        if node.len() < 12 || le16(node, 0) != 0xf30a {
+        if node.len() < 12 || u16_at(node, 0)? != 0xf30a {
             return Err(perr("bad extent header"));
         }
-        let entries = le16(node, 2) as usize;
-        let level = le16(node, 6);
+        let entries = u16_at(node, 2)? as usize;
+        let level = u16_at(node, 6)?;
         if depth > 5 || level > 5 || 12 + entries * 12 > node.len() {
             return Err(perr("extent tree too deep or overfull"));
         }
         for i in 0..entries {
             let e = &node[12 + i * 12..24 + i * 12];
             if level == 0 {
-                let raw_len = le16(e, 4);
+                let raw_len = u16_at(e, 4)?;
                 let (len, init) = if raw_len > 32768 {
                     (raw_len - 32768, false)
                 } else {
                     (raw_len, true)
                 };
-                let physical = (le16(e, 6) << 32) | le32(e, 8);
+                let physical = (u16_at(e, 6)? << 32) | u32_at(e, 8)?;
                 self.check(physical, len)?;
                 if out.len() >= MAX_EXTENTS {
                     return Err(perr("too many extents"));
                 }
                 out.push(Run {
-                    logical: le32(e, 0),
+                    logical: u32_at(e, 0)?,
                     physical,
                     len,
                     init,
                 });
             } else {
-                let leaf = (le16(e, 8) << 32) | le32(e, 4);
+                let leaf = (u16_at(e, 8)? << 32) | u32_at(e, 4)?;
                 self.check(leaf, 1)?;
                 let mut b = vec![0u8; self.bs as usize];
                 self.read(&mut b, leaf * self.bs)?;
@@ -187,7 +191,7 @@ impl Fs {
             Ok(())
         };
         for i in 0..12.min(nblocks) {
-            push(i, le32(&ino.iblock, i as usize * 4), out)?;
+            push(i, u32_at(&ino.iblock, i as usize * 4)?, out)?;
         }
         let mut logical = 12u64;
         for (level, slot) in [(1u32, 12usize), (2, 13), (3, 14)] {
@@ -195,7 +199,7 @@ impl Fs {
                 break;
             }
             let span = per.pow(level);
-            let root = le32(&ino.iblock, slot * 4);
+            let root = u32_at(&ino.iblock, slot * 4)?;
             if root != 0 {
                 self.indirect(root, level, logical, nblocks, &mut push, out)?;
             }
@@ -223,7 +227,7 @@ impl Fs {
             if logical >= nblocks {
                 break;
             }
-            let p = le32(&b, i as usize * 4);
+            let p = u32_at(&b, i as usize * 4)?;
             if p == 0 {
                 continue;
             }
@@ -287,8 +291,8 @@ impl Fs {
         for block in data.chunks(self.bs as usize) {
             let mut pos = 0usize;
             while pos + 8 <= block.len() {
-                let inode = le32(block, pos);
-                let rec_len = le16(block, pos + 4) as usize;
+                let inode = u32_at(block, pos)?;
+                let rec_len = u16_at(block, pos + 4)? as usize;
                 let name_len = block[pos + 6] as usize;
                 if rec_len < 8 || pos + rec_len > block.len() {
                     break;
@@ -315,60 +319,39 @@ fn open(view: Slice) -> Result<Option<(Fs, String)>, Verdict> {
             .map(|_| b)
             .map_err(|e| Verdict::not_scanned(Reason::ReadError, format!("ext superblock: {e}")))
     };
-    let sb = rd(1024, 1024)?;
-    let incompat = le32(&sb, 0x60) as u32;
-    let ro_compat = le32(&sb, 0x64) as u32;
-    if incompat & (INCOMPAT_RECOVER | INCOMPAT_META_BG) != 0 || ro_compat & RO_COMPAT_BIGALLOC != 0
+    let bad = |d: &str| Verdict::not_scanned(Reason::ParseError, format!("ext superblock: {d}"));
+    let sb = Superblock::decode(&rd(SUPERBLOCK_OFFSET, SUPERBLOCK_LEN)?)
+        .map_err(|e| bad(&e.to_string()))?;
+    if sb.incompat & (INCOMPAT_RECOVER | INCOMPAT_META_BG) != 0
+        || sb.ro_compat & RO_COMPAT_BIGALLOC != 0
     {
         return Ok(None);
     }
-    let bad = |d: &str| Verdict::not_scanned(Reason::ParseError, format!("ext superblock: {d}"));
-    let log = le32(&sb, 0x18);
-    if log > 6 {
-        return Err(bad("block size"));
-    }
-    let bs = 1024u64 << log;
-    let is64 = incompat & INCOMPAT_64BIT != 0;
-    let blocks = le32(&sb, 4) | if is64 { le32(&sb, 0x150) << 32 } else { 0 };
-    let first = le32(&sb, 0x14);
-    let bpg = le32(&sb, 0x20);
-    let ipg = le32(&sb, 0x28);
-    let inodes = le32(&sb, 0);
-    let inode_size = if le32(&sb, 0x4c) >= 1 {
-        le16(&sb, 0x58)
-    } else {
-        128
-    };
-    let desc = if is64 { le16(&sb, 0xfe) } else { 32 };
-    if bpg == 0
-        || ipg == 0
-        || blocks <= first
-        || !(128..=bs).contains(&inode_size)
-        || !(32..=1024).contains(&desc)
+    sb.check().map_err(|e| bad(&e.to_string()))?;
+    let groups = sb.groups();
+    if groups.saturating_mul(sb.desc_size) > 256 << 20
+        || sb.inodes > groups.saturating_mul(sb.inodes_per_group)
     {
-        return Err(bad("geometry"));
-    }
-    let groups = (blocks - first).div_ceil(bpg);
-    if groups * desc > 256 << 20 || inodes > groups * ipg {
         return Err(bad("too many groups"));
     }
-    let gdt = rd((first + 1) * bs, (groups * desc) as usize)?;
-    let itables = (0..groups as usize)
-        .map(|g| {
-            let d = &gdt[g * desc as usize..];
-            le32(d, 8) | if is64 { le32(d, 0x28) << 32 } else { 0 }
-        })
-        .collect();
-    let u = &sb[0x68..0x78];
-    let uuid = u.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let gdt = rd(sb.gdt_offset(), (groups * sb.desc_size) as usize)?;
+    let itables = (0..groups)
+        .map(|g| sb.group(&gdt, g).map(|d| d.inode_table))
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&e.to_string()))?;
+    let uuid = sb
+        .uuid
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
     Ok(Some((
         Fs {
             view,
-            bs,
-            blocks,
-            inodes,
-            ipg,
-            inode_size,
+            bs: sb.block_size,
+            blocks: sb.blocks,
+            inodes: sb.inodes,
+            ipg: sb.inodes_per_group,
+            inode_size: sb.inode_size,
             itables,
         },
         uuid,
