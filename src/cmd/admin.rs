@@ -166,6 +166,18 @@ enum BackupsCmd {
         /// User name or device id.
         who: String,
     },
+    /// Drop all but a user's newest backups and free their space (e.g. to get under the
+    /// backup quota).
+    Prune {
+        /// User name or device id.
+        who: String,
+        /// How many of the newest backups stay.
+        #[arg(long)]
+        keep: u32,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -183,6 +195,9 @@ enum PolicyCmd {
         /// Minutes between backups.
         #[arg(long)]
         backup_mins: Option<u32>,
+        /// Most backup data stored per user, in MiB (0 = no limit; default 65536).
+        #[arg(long)]
+        backup_quota_mb: Option<u64>,
         /// Scan schedule (daily, weekly, never).
         #[arg(long)]
         scan: Option<String>,
@@ -423,6 +438,24 @@ async fn admin(c: AdminClient, args: AdminArgs) -> anyhow::Result<u8> {
                 )
             })?;
         }
+        AdminCommand::Backups(BackupsCmd::Prune { who, keep, reason }) => {
+            let r: tandem_proto::backup::PruneReport = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/admin/backups/{who}/prune"),
+                    Some(&tandem_proto::backup::PruneRequest { keep, reason }),
+                )
+                .await?;
+            emit(json, &r, || {
+                println!(
+                    "{}: dropped {} backups, freed {:.1} MB; backups now occupy {:.1} MB",
+                    r.user,
+                    r.dropped.len(),
+                    r.bytes_freed as f64 / 1e6,
+                    r.stored_bytes as f64 / 1e6
+                );
+            })?;
+        }
         AdminCommand::Backups(BackupsCmd::List { who }) => {
             let list: Vec<tandem_proto::backup::BackupInfo> = c
                 .call(Method::GET, &format!("/v1/admin/backups/{who}"), NO_BODY)
@@ -500,6 +533,7 @@ async fn admin(c: AdminClient, args: AdminArgs) -> anyhow::Result<u8> {
             lease_days,
             checkin_mins,
             backup_mins,
+            backup_quota_mb,
             scan,
             usb,
             clipboard,
@@ -515,6 +549,7 @@ async fn admin(c: AdminClient, args: AdminArgs) -> anyhow::Result<u8> {
             apply(&mut p.lease_days, lease_days);
             apply(&mut p.checkin_interval_mins, checkin_mins);
             apply(&mut p.backup_interval_mins, backup_mins);
+            apply(&mut p.backup_quota_mb, backup_quota_mb);
             apply(&mut p.scan_schedule, scan);
             apply(&mut p.controls.usb, usb.map(OnOff::on));
             apply(&mut p.controls.clipboard, clipboard.map(OnOff::on));
@@ -596,10 +631,15 @@ fn print_policy(p: &PolicyInfo) {
         backup_interval_mins,
         scan_schedule,
         controls,
+        backup_quota_mb,
     } = &p.policy;
+    let quota = match backup_quota_mb {
+        0 => "no backup quota".to_string(),
+        mb => format!("backup quota {mb} MiB per user"),
+    };
     println!(
         "{}: lease {lease_days} days, check-in every {checkin_interval_mins} min, backup every \
-         {backup_interval_mins} min, scan {scan_schedule}, usb {}, clipboard {}, network {}",
+         {backup_interval_mins} min, {quota}, scan {scan_schedule}, usb {}, clipboard {}, network {}",
         p.name,
         on(controls.usb),
         on(controls.clipboard),

@@ -49,6 +49,11 @@ pub enum BackupError {
         /// Why.
         source: std::io::Error,
     },
+    /// The user's backup quota on the server is used up: this backup stopped at its first
+    /// refused chunk (nothing more is sent); the scheduler tries again at its next
+    /// interval, when IT may have raised the quota or pruned.
+    #[error("{0}")]
+    Quota(String),
     /// The server sent a chunk whose content does not match its id.
     #[error("backup chunk {0} from the server does not match its id; nothing was restored (retry; report if it persists)")]
     BadChunk(ChunkId),
@@ -191,7 +196,13 @@ pub async fn upload(
             &format!("/v1/backups/chunks/{cid}"),
             data,
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            ClientError::Refused { body, .. } if body.code == "backup_quota_exceeded" => {
+                BackupError::Quota(body.message)
+            }
+            other => other.into(),
+        })?;
         uploaded_chunks += 1;
     }
     let disk_bytes = manifest.size;

@@ -137,6 +137,30 @@ impl std::fmt::Debug for Escrow {
     }
 }
 
+/// `POST /v1/admin/backups/{who}/prune`: keep only a user's newest backups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    /// How many of the newest backups stay (at least 1).
+    pub keep: u32,
+    /// Why (audit log).
+    pub reason: String,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// The user.
+    pub user: String,
+    /// Backups dropped, by sequence number.
+    pub dropped: Vec<u64>,
+    /// Bytes the user's chunk store freed (chunks uploaded within the last day stay until
+    /// a later collection).
+    pub bytes_freed: u64,
+    /// What the user's backups occupy now (compressed).
+    pub stored_bytes: u64,
+}
+
 /// `POST /v1/admin/devices/{old}/replace`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

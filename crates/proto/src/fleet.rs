@@ -202,6 +202,19 @@ pub struct Policy {
     pub scan_schedule: String,
     /// Host device classes the corporate VM may use.
     pub controls: DeviceControls,
+    /// Most backup data the server stores for one user, in MiB (what the user's backup
+    /// chunks occupy, compressed); uploads past it are refused. 0 = no limit. Default
+    /// [`DEFAULT_BACKUP_QUOTA_MB`]. Not serialized while it is the default, so older
+    /// agents (and the policy hashes of existing leases) see the same policy as before.
+    #[serde(skip_serializing_if = "is_default_backup_quota")]
+    pub backup_quota_mb: u64,
+}
+
+/// The backup quota of a policy that does not set one: 64 GiB per user.
+pub const DEFAULT_BACKUP_QUOTA_MB: u64 = 64 * 1024;
+
+fn is_default_backup_quota(mb: &u64) -> bool {
+    *mb == DEFAULT_BACKUP_QUOTA_MB
 }
 
 impl Default for Policy {
@@ -212,6 +225,7 @@ impl Default for Policy {
             backup_interval_mins: 240,
             scan_schedule: "daily".into(),
             controls: DeviceControls::default(),
+            backup_quota_mb: DEFAULT_BACKUP_QUOTA_MB,
         }
     }
 }
@@ -534,6 +548,18 @@ mod tests {
         q.controls.usb = true;
         assert_ne!(p.hash(), q.hash());
         assert!(serde_json::from_str::<Policy>(r#"{"lease_dayz":1}"#).is_err());
+        // The backup quota: defaulted, omitted while default (same hash as before it
+        // existed), kept when set.
+        assert_eq!(p.backup_quota_mb, DEFAULT_BACKUP_QUOTA_MB);
+        assert!(!serde_json::to_string(&p)
+            .expect("json")
+            .contains("backup_quota_mb"));
+        let mut r = p.clone();
+        r.backup_quota_mb = 0;
+        let back: Policy =
+            serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("parse");
+        assert_eq!(back.backup_quota_mb, 0);
+        assert_ne!(p.hash(), r.hash());
     }
 
     #[test]

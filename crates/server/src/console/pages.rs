@@ -534,6 +534,7 @@ fn policy_fields(p: &Policy) -> Markup {
         div { label { "Check-in every (minutes)" } input type="number" name="checkin_interval_mins" min="1" value=(p.checkin_interval_mins); }
         div { label { "Backup every (minutes)" } input type="number" name="backup_interval_mins" min="1" value=(p.backup_interval_mins); }
         div { label { "Offline scan" } input type="text" name="scan_schedule" value=(p.scan_schedule); }
+        div { label { "Backup quota per user (MiB, 0 = none)" } input type="number" name="backup_quota_mb" min="0" value=(p.backup_quota_mb); }
         div { label { "Corporate desktop may use" }
             label { input type="checkbox" name="usb" value="on" checked[p.controls.usb]; " USB devices" }
             label { input type="checkbox" name="clipboard" value="on" checked[p.controls.clipboard]; " the clipboard" }
@@ -587,6 +588,8 @@ pub struct PolicyForm {
     backup_interval_mins: String,
     scan_schedule: String,
     #[serde(default)]
+    backup_quota_mb: Option<String>,
+    #[serde(default)]
     usb: Option<String>,
     #[serde(default)]
     clipboard: Option<String>,
@@ -628,6 +631,10 @@ pub async fn set_policy(
                 usb: f.usb.is_some(),
                 clipboard: f.clipboard.is_some(),
                 network: f.network.is_some(),
+            },
+            backup_quota_mb: match f.backup_quota_mb.as_deref().map(str::trim) {
+                None | Some("") => tandem_proto::fleet::DEFAULT_BACKUP_QUOTA_MB,
+                Some(v) => number("backup quota", v)?.into(),
             },
         })
     })();
