@@ -318,6 +318,15 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
     // First start: a fresh encrypted user disk, its key escrowed on the server.
     start(&a).ok();
     console_wait(&a, "corporate", READY);
+    // The volatile system overlay is encrypted under a key made for this run, and no
+    // passphrase file stays once QEMU has read it.
+    let info = run(std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(a.join("corporate").join("system.qcow2")))
+    .ok()
+    .json();
+    assert_eq!(info["encrypted"], true, "{info}");
+    assert_eq!(corporate_secrets(&a), Vec::<String>::new());
     run(t(&a)
         .args([
             "vm",
@@ -344,6 +353,8 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
         .args(["desktop", "stop", "corporate", "--dir"])
         .arg(&a))
     .ok();
+    // Stopped: its console transcript and its volatile overlay are gone.
+    assert_no_corporate_run_left(&a);
     let b3 = run(t(&a).args(["agent", "backup", "--json", "--dir"]).arg(&a))
         .ok()
         .json();
@@ -381,6 +392,10 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
     );
     assert!(!process_running_with(&a.join("vms").display().to_string()));
     std::fs::write(&clock, saved_clock).expect("restore clock");
+
+    // Laptop A's corporate desktop runs (the thief booted it) when the kill lands below.
+    start(&a).ok();
+    console_wait(&a, "corporate", READY);
 
     // Re-provision onto laptop B: the old one is killed, B restores key and disk.
     let (b, dev_b) = f.enroll("laptop-b", "carol");
@@ -440,11 +455,79 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
         .arg(&b))
     .ok();
 
-    // Laptop A calls in and is erased; it can never start the corporate desktop again.
+    // Laptop A, its corporate desktop running and its personal desktop up too, holds a
+    // partial image download when it calls in and is erased.
+    run(t(&a)
+        .args(["desktop", "start", "personal", "--base-file"])
+        .arg(guest().join("personal.ext4"))
+        .arg("--dir")
+        .arg(&a))
+    .ok();
+    console_wait(&a, "personal", READY);
+    let incoming = a.join("store").join("incoming");
+    std::fs::create_dir_all(&incoming).expect("incoming");
+    std::fs::write(incoming.join("corp-gold-1-2.delta.part"), b"gold blocks").expect("part");
+    assert!(a.join("vms").join("corporate").join("serial.log").exists());
     let _ = f.agent(&a, &["check-in"]);
     assert!(!a.join("keys").join("wrap.key").exists());
     assert!(!a.join("corporate").join("user.qcow2").exists());
+    // Issue 12 should-fix: the kill stopped the corporate QEMU first, then erased
+    // everything corporate — console transcripts, logs, overlay, secrets, partial
+    // downloads — and left the personal desktop running on its own disk.
+    let vm_status = |vm: &str| {
+        run(t(&a)
+            .args(["vm", "status", vm, "--json", "--state-dir"])
+            .arg(a.join("vms")))
+        .ok()
+        .json()
+    };
+    assert_ne!(vm_status("corporate")["phase"], "running");
+    assert_no_corporate_run_left(&a);
+    let mut left: Vec<String> = std::fs::read_dir(a.join("vms").join("corporate"))
+        .expect("corporate VM record")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["spec.json", "state.json"],
+        "only the VM's record stays"
+    );
+    let state =
+        std::fs::read_to_string(a.join("vms").join("corporate").join("state.json")).expect("state");
+    assert!(!state.contains("carol-was-here"), "{state}");
+    assert!(!incoming.exists(), "partial downloads erased");
+    assert!(!a.join("run").join("user-backup.qcow2").exists());
+    assert!(a.join("personal").join("overlay.qcow2").exists());
+    assert!(a.join("personal").join("overlay-base").exists());
+    assert_eq!(vm_status("personal")["phase"], "running");
+    assert!(a.join("vms").join("personal").join("serial.log").exists());
     start(&a).code(3);
+}
+
+/// Passphrase files for the corporate QEMU left in `<agent>/run`.
+fn corporate_secrets(agent: &Path) -> Vec<String> {
+    std::fs::read_dir(agent.join("run"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("corporate-") && n.contains(".secret"))
+        .collect()
+}
+
+/// Nothing of a corporate run stays on the laptop once the VM is off: no console
+/// transcript, no volatile overlay, no passphrase file.
+fn assert_no_corporate_run_left(agent: &Path) {
+    let vm = agent.join("vms").join("corporate");
+    for f in ["serial.log", "serial.prev.log"] {
+        assert!(!vm.join(f).exists(), "{f} survived the corporate VM");
+    }
+    assert!(
+        !agent.join("corporate").join("system.qcow2").exists(),
+        "the volatile overlay survived the corporate VM"
+    );
+    assert_eq!(corporate_secrets(agent), Vec::<String>::new());
 }
 
 #[test]

@@ -334,8 +334,8 @@ impl Laptop {
         .map(|b| b.label().to_string())
         .unwrap_or_default();
         let (state, child) = rd.launch(&prepared.spec)?;
-        // QEMU has read the passphrase: remove it from disk.
-        drop(prepared.secret);
+        // QEMU has read the passphrases: remove them from disk.
+        drop(prepared.secrets);
         let generation = export.unwrap_or(0);
         self.watch(desktop, rd, Some(child), generation);
         let (collected, collect_error) = match self.collect_old_versions() {
@@ -367,14 +367,48 @@ impl Laptop {
             if let Err(e) = rd.watch(child) {
                 tracing::warn!(vm = desktop.name(), error = %e, "recording how the VM ended failed");
             }
-            let mut exports = lock(&me.exports);
-            if exports
-                .get(desktop.name())
-                .is_some_and(|e| e.generation == generation)
             {
-                exports.remove(desktop.name());
+                let mut exports = lock(&me.exports);
+                if exports
+                    .get(desktop.name())
+                    .is_some_and(|e| e.generation == generation)
+                {
+                    exports.remove(desktop.name());
+                }
+            }
+            if desktop == Desktop::Corporate {
+                me.erase_corporate_run();
             }
         });
+    }
+
+    /// Once the corporate VM has ended, its console transcript, any secret file left for
+    /// QEMU and its volatile overlay go ([`kill::erase_after_run`]): none of it stays on
+    /// the laptop between runs. Waits for a start or stop in progress and does nothing
+    /// when a new run began meanwhile.
+    fn erase_corporate_run(&self) {
+        let _busy = lock(&self.corporate_busy);
+        self.erase_corporate_run_locked();
+    }
+
+    /// [`Laptop::erase_corporate_run`] for a caller that holds `corporate_busy`.
+    fn erase_corporate_run_locked(&self) {
+        // A kill in progress erases all of it itself (after stopping the VM).
+        if !matches!(kill::is_killed(&self.dir), Ok(false)) {
+            return;
+        }
+        if !matches!(
+            personal::is_running(&self.layout, Desktop::Corporate),
+            Ok(false)
+        ) {
+            return;
+        }
+        match kill::erase_after_run(&self.dir) {
+            Ok(n) => tracing::debug!(files = n, "corporate run erased"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not erase what the corporate VM left; retried when it next ends and at daemon start")
+            }
+        }
     }
 
     /// The base a desktop boots, served over NBD when it comes from the store. Returns
@@ -542,6 +576,9 @@ impl Laptop {
     /// again on the same sockets and watches them. Returns the desktops re-attached.
     pub fn reattach(self: &Arc<Self>) -> Vec<Desktop> {
         let mut out = Vec::new();
+        // A corporate VM that ended while no daemon watched (power loss, crash) left its
+        // console transcript and overlay behind.
+        self.erase_corporate_run();
         for d in [Desktop::Corporate, Desktop::Personal] {
             let Ok(rd) = RunDir::existing(&self.layout.vms_dir(), d.name()) else {
                 continue;
@@ -585,7 +622,12 @@ impl Laptop {
     pub fn stop(&self, desktop: Desktop, timeout: Duration) -> Result<VmState, LaptopError> {
         let _busy = self.busy(desktop)?;
         let rd = RunDir::existing(&self.layout.vms_dir(), desktop.name())?;
-        Ok(rd.stop(timeout)?)
+        let state = rd.stop(timeout)?;
+        if desktop == Desktop::Corporate {
+            // Before answering: once stopped, no transcript or overlay is left.
+            self.erase_corporate_run_locked();
+        }
+        Ok(state)
     }
 
     /// Both desktops' states (those ever started).
@@ -677,6 +719,9 @@ impl Laptop {
                     uploaded_bytes = r.uploaded_bytes,
                     "scheduled backup committed"
                 ),
+                Ok(Err(LaptopError::Backup(BackupError::Quota(why)))) => {
+                    tracing::warn!(why, "scheduled backup refused by the server's backup quota; not retried before the next interval")
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "scheduled backup failed; retrying at the next interval")
                 }
@@ -802,4 +847,107 @@ impl checkin::Hooks for LaptopHooks {
 /// Whether `path` is a socket someone listens on.
 pub fn socket_alive(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE, MANIFEST_FORMAT};
+    use tandem_proto::{ChunkId, SigningKey};
+
+    fn publish(local: &tandem_sync::Local, key: &SigningKey, name: &str, version: u64) {
+        let data = format!("{name}@{version} ").into_bytes().repeat(64);
+        let id = ChunkId::of(&data);
+        local
+            .store
+            .put_many(vec![(id, tandem_store::Payload::Raw(data.clone()))])
+            .expect("put");
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            name: name.into(),
+            version,
+            size: data.len() as u64,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunks: vec![Some(id)],
+        };
+        local.catalog.save(&m, &m.sign(key)).expect("save");
+    }
+
+    fn running(laptop: &Laptop, desktop: Desktop, image: &str, version: u64) {
+        lock(&laptop.exports).insert(
+            desktop.name(),
+            Export {
+                image: ImageRef {
+                    image: image.into(),
+                    version,
+                },
+                generation: version,
+                stop: None,
+            },
+        );
+    }
+
+    /// Issue 12, item 3: version GC keeps the version the personal overlay is bound to —
+    /// with the personal desktop off, a newer personal version pulled, and the corporate
+    /// desktop moved on (to another image, or to a newer version of the same one).
+    #[test]
+    fn version_gc_keeps_the_base_the_personal_overlay_is_bound_to() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = AgentDir::new(tmp.path());
+        let key = SigningKey::generate();
+        std::fs::create_dir_all(dir.keys()).expect("mkdir");
+        std::fs::write(
+            dir.keys().join("image-signing.pub"),
+            key.public().to_base64(),
+        )
+        .expect("pin");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let laptop = Laptop::new(
+            dir.clone(),
+            LaptopConfig {
+                guest_dir: tmp.path().join("guest"),
+                memory_mib: 64,
+                accel: Accel::Tcg,
+                user_disk_mib: 16,
+            },
+            rt.handle().clone(),
+        );
+        let local = laptop.local().expect("store");
+        for (name, v) in [
+            ("debian", 1),
+            ("debian", 2),
+            ("corp-gold", 1),
+            ("corp-gold", 2),
+            ("corp-gold", 3),
+        ] {
+            publish(&local, &key, name, v);
+        }
+        let layout = Layout::new(tmp.path());
+        std::fs::create_dir_all(layout.desktop_dir(Desktop::Personal)).expect("mkdir");
+        std::fs::write(layout.personal_overlay(), b"the user's clusters").expect("overlay");
+        std::fs::write(layout.personal_binding(), "debian@1").expect("binding");
+
+        running(&laptop, Desktop::Corporate, "corp-gold", 3);
+        let c = laptop.collect_old_versions().expect("collect");
+        let mut dropped: Vec<String> = c.dropped.iter().map(|r| r.to_string()).collect();
+        dropped.sort();
+        assert_eq!(dropped, ["corp-gold:1", "corp-gold:2"]);
+        assert_eq!(local.catalog.versions("debian").expect("list"), [1, 2]);
+        assert_eq!(local.catalog.versions("corp-gold").expect("list"), [3]);
+
+        // The personal desktop on the corporate image's v3, the corporate one moved to v4:
+        // v3 stays while the overlay is bound to it, and goes after a reset.
+        publish(&local, &key, "corp-gold", 4);
+        std::fs::write(layout.personal_binding(), "corp-gold@3").expect("binding");
+        running(&laptop, Desktop::Corporate, "corp-gold", 4);
+        let c = laptop.collect_old_versions().expect("collect");
+        assert!(c.dropped.is_empty(), "{:?}", c.dropped);
+        assert_eq!(local.catalog.versions("corp-gold").expect("list"), [3, 4]);
+        personal::reset(&layout, Desktop::Personal).expect("reset");
+        let c = laptop.collect_old_versions().expect("collect");
+        assert_eq!(c.dropped.len(), 1, "{:?}", c.dropped);
+        assert_eq!(local.catalog.versions("corp-gold").expect("list"), [4]);
+    }
 }

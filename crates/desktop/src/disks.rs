@@ -88,6 +88,68 @@ pub fn create_overlay(backing: &str, size: u64, out: &Path) -> Result<(), Deskto
     })
 }
 
+/// The backing file an overlay's header names (`None`: it has none). Reads the header
+/// only (`-U`: also while a VM holds the image).
+pub fn backing_of(overlay: &Path) -> Result<Option<String>, DesktopError> {
+    let info = qemu_img(
+        "info (overlay)",
+        &["info", "--output=json", "-U", &alone(overlay)],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&info).map_err(|e| DesktopError::QemuImg {
+        action: "info (overlay)".into(),
+        stderr: e.to_string(),
+    })?;
+    Ok(v["backing-filename"].as_str().map(str::to_string))
+}
+
+/// Creates a qcow2 overlay at `out` over `backing` (raw) whose own clusters are encrypted
+/// (LUKS, AES-256-XTS) under the passphrase in `secret_file`; reads of clusters it does
+/// not hold go to the plaintext base. For the corporate volatile system overlay: its key
+/// is made fresh for each run and never stored, so what the system wrote is ciphertext
+/// on the laptop and unreadable once that QEMU is gone. Atomic like [`create_overlay`].
+/// The key is random (no stretching needed): the minimum PBKDF time is asked for.
+pub fn create_encrypted_overlay(
+    backing: &str,
+    size: u64,
+    out: &Path,
+    secret_file: &Path,
+) -> Result<(), DesktopError> {
+    let tmp = out.with_extension("qcow2.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let size = size.to_string();
+    let secret = format!("secret,id=sec0,file={}", secret_file.display());
+    let result = qemu_img(
+        "create (encrypted overlay)",
+        &[
+            "create",
+            "-q",
+            "-u",
+            "--object",
+            &secret,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            "-F",
+            "raw",
+            "-b",
+            backing,
+            &tmp.to_string_lossy(),
+            &size,
+        ],
+    );
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(match e {
+            DesktopError::DiskFull { .. } => DesktopError::DiskFull {
+                path: out.to_path_buf(),
+            },
+            other => other,
+        });
+    }
+    std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+}
+
 /// Creates the encrypted user disk: an ext4 filesystem inside a LUKS qcow2 whose
 /// passphrase is the text in `secret_file`.
 pub fn create_luks_user_disk(

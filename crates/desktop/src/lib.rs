@@ -87,6 +87,15 @@ pub enum DesktopError {
         /// The base asked for.
         requested: String,
     },
+    /// A personal overlay from before Tandem recorded its base, on a base its header
+    /// does not identify.
+    #[error("the personal desktop's disk was made before Tandem recorded which base version it belongs to, and its header ({backing}) does not say whether that is {requested}: starting it on another version would corrupt it. Reset it to start on {requested} (`tandem vm reset personal`: drops its changes; copy what you need out of it first)")]
+    OverlayUnbound {
+        /// The backing file the overlay's header names.
+        backing: String,
+        /// The base asked for.
+        requested: String,
+    },
     /// No such recovery point.
     #[error("the {desktop} VM has no recovery point `{name}`; it has: {available}")]
     NoSuchSnapshot {

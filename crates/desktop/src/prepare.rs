@@ -40,8 +40,9 @@ pub struct Prepared {
     pub spec: VmSpec,
     /// Helpers to run alongside (e.g. the NBD export of the base).
     pub sidecars: Vec<Sidecar>,
-    /// The user disk passphrase file; drop it once QEMU runs.
-    pub secret: Option<SecretFile>,
+    /// The passphrase files QEMU reads at start (the user disk's, the volatile system
+    /// overlay's); drop them once QEMU runs.
+    pub secrets: Vec<SecretFile>,
 }
 
 fn spec(name: &str, boot: &BootConfig, disks: Vec<DiskSpec>) -> VmSpec {
@@ -73,9 +74,11 @@ fn mkdir(p: &std::path::Path) -> Result<(), DesktopError> {
     std::fs::create_dir_all(p).map_err(|e| DesktopError::io(p, e))
 }
 
-/// Prepares the corporate VM: a fresh volatile overlay over `base`, the encrypted user
-/// disk (created on first use), and the passphrase file for QEMU. Call only after the
-/// lease check passed: `user_key` is the unwrapped key.
+/// Prepares the corporate VM: a fresh volatile overlay over `base`, encrypted under a key
+/// made for this run only (handed to QEMU in a file deleted once QEMU read it, never
+/// stored: once that QEMU is gone, what the system wrote is unreadable), the encrypted
+/// user disk (created on first use), and the passphrase files for QEMU. Call only after
+/// the lease check passed: `user_key` is the unwrapped key.
 pub fn corporate(
     layout: &Layout,
     base: &BaseDisk,
@@ -89,7 +92,16 @@ pub fn corporate(
     let size = base
         .size()
         .map_err(|e| DesktopError::io(base.backing(), e))?;
-    disks::create_overlay(&base.backing(), size, &layout.corporate_system())?;
+    let system_secret = SecretFile::write(
+        &layout.run_dir().join("corporate-system.secret"),
+        &SecretKey::generate(),
+    )?;
+    disks::create_encrypted_overlay(
+        &base.backing(),
+        size,
+        &layout.corporate_system(),
+        system_secret.path(),
+    )?;
     let secret = SecretFile::write(&layout.run_dir().join("corporate-user.secret"), user_key)?;
     let user = layout.corporate_user_disk();
     if !user.exists() {
@@ -104,7 +116,7 @@ pub fn corporate(
             format: DiskFormat::Qcow2,
             read_only: false,
             snapshot: false,
-            secret_file: None,
+            secret_file: Some(system_secret.path().to_path_buf()),
             reconnect_backing: base.is_nbd(),
         },
         DiskSpec {
@@ -119,7 +131,7 @@ pub fn corporate(
     Ok(Prepared {
         spec: spec(Desktop::Corporate.name(), boot, disks),
         sidecars,
-        secret: Some(secret),
+        secrets: vec![system_secret, secret],
     })
 }
 
@@ -135,13 +147,15 @@ pub fn personal(
     let overlay = layout.personal_overlay();
     let binding = layout.personal_binding();
     if overlay.exists() {
-        if let Some(bound) = crate::personal::bound_base(layout)? {
-            if bound != base.label() {
+        match crate::personal::bound_base(layout)? {
+            Some(bound) if bound != base.label() => {
                 return Err(DesktopError::OverlayBound {
                     bound,
                     requested: base.label().to_string(),
                 });
             }
+            Some(_) => {}
+            None => unbound_overlay_may_use(&overlay, base)?,
         }
     } else {
         let size = base
@@ -167,8 +181,31 @@ pub fn personal(
     Ok(Prepared {
         spec: spec(Desktop::Personal.name(), boot, disks),
         sidecars,
-        secret: None,
+        secrets: Vec::new(),
     })
+}
+
+/// An overlay that records no base (made before bindings existed, with no start record)
+/// is bound only to the base its own header proves: a base file it names by path. A
+/// store version is served on a socket whose name is the same for every version, so the
+/// header cannot tell v3 from v4: refused, never guessed (the user resets).
+fn unbound_overlay_may_use(overlay: &std::path::Path, base: &BaseDisk) -> Result<(), DesktopError> {
+    let backing = disks::backing_of(overlay)?.unwrap_or_default();
+    match base {
+        BaseDisk::File { path, .. }
+            if !backing.is_empty() && backing == path.display().to_string() =>
+        {
+            Ok(())
+        }
+        _ => Err(DesktopError::OverlayUnbound {
+            backing: if backing.is_empty() {
+                "no backing file".into()
+            } else {
+                backing
+            },
+            requested: base.label().to_string(),
+        }),
+    }
 }
 
 /// Makes a consistent point-in-time copy of the corporate user disk at `out`. With the VM
@@ -252,6 +289,75 @@ mod tests {
         assert_eq!(
             crate::personal::bound_base(&layout).expect("read"),
             Some("personal-base@4".to_string())
+        );
+    }
+
+    /// Issue 12, item 3 leftover: an overlay from before bindings (no `overlay-base`, no
+    /// start record) is not bound to whatever version is asked first.
+    #[test]
+    fn an_overlay_without_a_binding_is_bound_only_to_what_its_header_proves() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(tmp.path());
+        std::fs::create_dir_all(layout.desktop_dir(Desktop::Personal)).expect("mkdir");
+        let forget_binding = |layout: &Layout| {
+            for p in [
+                layout.personal_binding(),
+                layout.base_record(Desktop::Personal),
+            ] {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        // Made over a store version: the socket name says nothing about the version.
+        let sock = tmp.path().join("nbd-personal.sock");
+        let nbd = |v: u64| BaseDisk::Nbd {
+            socket: sock.clone(),
+            export: String::new(),
+            size: 1 << 20,
+            label: format!("debian@{v}"),
+        };
+        disks::create_overlay(&nbd(3).backing(), 1 << 20, &layout.personal_overlay())
+            .expect("old overlay");
+        forget_binding(&layout);
+        for v in [3, 4] {
+            let err = personal(&layout, &nbd(v), &boot(), Vec::new())
+                .expect_err("an unbound store overlay is refused");
+            assert!(
+                matches!(&err, DesktopError::OverlayUnbound { requested, .. } if *requested == format!("debian@{v}")),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("tandem vm reset personal"),
+                "{err}"
+            );
+        }
+        assert!(!layout.personal_binding().exists(), "nothing was bound");
+
+        // Made over a base file: its header names the file, so that very file is allowed
+        // (and bound from then on); another file is not.
+        let file = tmp.path().join("personal.raw");
+        let other = tmp.path().join("other.raw");
+        for f in [&file, &other] {
+            std::fs::write(f, vec![0u8; 1 << 20]).expect("write");
+        }
+        let base = |p: &std::path::Path| BaseDisk::File {
+            path: p.to_path_buf(),
+            label: p.display().to_string(),
+        };
+        std::fs::remove_file(layout.personal_overlay()).expect("rm");
+        disks::create_overlay(
+            &file.display().to_string(),
+            1 << 20,
+            &layout.personal_overlay(),
+        )
+        .expect("old overlay");
+        forget_binding(&layout);
+        let err = personal(&layout, &base(&other), &boot(), Vec::new())
+            .expect_err("another file is refused");
+        assert!(matches!(err, DesktopError::OverlayUnbound { .. }), "{err}");
+        personal(&layout, &base(&file), &boot(), Vec::new()).expect("the file it names");
+        assert_eq!(
+            crate::personal::bound_base(&layout).expect("read"),
+            Some(file.display().to_string())
         );
     }
 }

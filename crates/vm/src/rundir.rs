@@ -148,6 +148,35 @@ impl RunDir {
         self.dir.join("serial.log")
     }
 
+    /// The previous run's serial log (kept for post-mortems).
+    pub fn previous_serial_log(&self) -> PathBuf {
+        self.dir.join("serial.prev.log")
+    }
+
+    /// Forgets what the guest printed, for a VM whose console is confidential (the
+    /// corporate desktop): removes both console transcripts and the last console lines a
+    /// crash report kept in `state.json`. Call once the VM has ended; while it runs its
+    /// transcript is needed by console clients. Returns how many transcripts it removed.
+    pub fn forget_console(&self) -> Result<u64, VmError> {
+        let mut removed = 0;
+        for p in [self.serial_log(), self.previous_serial_log()] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VmError::io(&p, e)),
+            }
+        }
+        if let Some(mut state) = self.raw_state() {
+            if let Some(Exit::Crashed { last_serial, .. }) = &mut state.exit {
+                if !last_serial.is_empty() {
+                    last_serial.clear();
+                    self.write_state(&state)?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// The serial console socket.
     pub fn console_socket(&self) -> PathBuf {
         self.dir.join("console.sock")
