@@ -68,6 +68,10 @@ enum AgentCommand {
         /// Size of a new corporate user disk in MiB.
         #[arg(long, default_value_t = 128)]
         user_disk_mib: u64,
+        /// First uid (and gid) the desktops' QEMUs run as when the daemon is root:
+        /// corporate gets it, personal the next one.
+        #[arg(long, default_value_t = tandem_agent::laptop::VmUsers::DEFAULT_BASE)]
+        vm_uid_base: u32,
     },
     /// Back up the corporate user disk now (same as `tandem desktop backup`).
     Backup,
@@ -146,11 +150,14 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
             memory,
             accel,
             user_disk_mib,
+            vm_uid_base,
         } => {
             eprintln!("tandem: agent daemon running on {}", args.dir.display());
+            let mut config = laptop_config(guest_dir, memory, accel, user_disk_mib);
+            config.vm_users = tandem_agent::laptop::VmUsers::when_root(vm_uid_base);
             tandem_agent::daemon::run(
                 dir,
-                laptop_config(guest_dir, memory, accel, user_disk_mib),
+                config,
                 checkin::RunOptions {
                     interval: interval.map(Into::into),
                 },
@@ -253,6 +260,7 @@ fn laptop_config(
         memory_mib,
         accel,
         user_disk_mib,
+        vm_users: None,
     }
 }
 

@@ -191,6 +191,7 @@ impl SpecArgs {
             network: self.net,
             accel: self.accel,
             controls: DeviceControls { usb: self.usb },
+            run_as: None,
         })
     }
 }

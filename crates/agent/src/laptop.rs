@@ -11,6 +11,13 @@
 //!
 //! Both desktops may run at once, each its own QEMU. Starting or stopping one desktop
 //! twice at the same time is refused (`busy`), never raced.
+//!
+//! Confinement: when the daemon runs as root, each desktop's QEMU drops to a uid of its
+//! own ([`VmUsers`]) under QEMU's seccomp filter. Everything a QEMU needs at start is
+//! opened before the drop; the only later open is the reconnect to its base export, so
+//! each export socket sits in a directory only that desktop's uid can enter
+//! (`<runtime>/<desktop>/nbd.sock`). The desktops' own directories are 0700 root, so one
+//! desktop's QEMU cannot open the other's disks, keys or socket.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +29,7 @@ use tandem_desktop::prepare::{self, BootConfig};
 use tandem_desktop::{personal, BaseDisk, Desktop, DesktopError, Layout};
 use tandem_proto::fleet::{ImageRef, TargetState};
 use tandem_vm::rundir::{RunDir, VmState};
-use tandem_vm::{Accel, DeviceControls, Network, VmError};
+use tandem_vm::{Accel, DeviceControls, Network, RunAs, VmError};
 
 use crate::backup::BackupError;
 use crate::escrow::{EscrowError, Provisioning};
@@ -33,6 +40,53 @@ use crate::{checkin, kill, lease, AgentDir};
 
 /// Memory for decompressed, verified chunks per NBD export.
 const EXPORT_CACHE: usize = 32 << 20;
+
+/// The unprivileged users the desktops' QEMUs run as (see [`RunAs`]): one per desktop,
+/// so neither can open the other's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmUsers {
+    /// The corporate desktop's QEMU.
+    pub corporate: RunAs,
+    /// The personal desktop's QEMU.
+    pub personal: RunAs,
+}
+
+impl VmUsers {
+    /// The default first uid (0x7001_0000): above systemd's container range
+    /// (0x80000–0x6fffffff), below its foreign-uid range, and far from people's and
+    /// system users' ids. Corporate gets it, personal the next one.
+    pub const DEFAULT_BASE: u32 = 0x7001_0000;
+
+    /// Corporate `base:base`, personal `base+1:base+1`.
+    pub fn from_base(base: u32) -> Self {
+        let at = |id: u32| RunAs { uid: id, gid: id };
+        VmUsers {
+            corporate: at(base),
+            personal: at(base.saturating_add(1)),
+        }
+    }
+
+    /// Users from `base` when this process may switch users (it runs as root), else
+    /// `None`: QEMU then runs as the daemon's own user, unconfined by uid.
+    pub fn when_root(base: u32) -> Option<Self> {
+        nix::unistd::geteuid()
+            .is_root()
+            .then(|| Self::from_base(base))
+    }
+
+    /// The user of `desktop`'s QEMU.
+    pub fn of(&self, desktop: Desktop) -> RunAs {
+        match desktop {
+            Desktop::Corporate => self.corporate,
+            Desktop::Personal => self.personal,
+        }
+    }
+}
+
+/// Where confined desktops' export sockets live: a directory of the machine's runtime
+/// tree (`RuntimeDirectory=tandem` in the systemd unit), so reaching them never depends
+/// on the permissions of the agent directory's parents.
+pub const RUNTIME_ROOT: &str = "/run/tandem";
 
 /// What the daemon was configured with (by `tandem agent run`).
 #[derive(Debug, Clone)]
@@ -45,6 +99,22 @@ pub struct LaptopConfig {
     pub accel: Accel,
     /// Size of a new corporate user disk in MiB.
     pub user_disk_mib: u64,
+    /// The users the desktops' QEMUs run as; `None` runs them as the daemon's user.
+    pub vm_users: Option<VmUsers>,
+}
+
+impl LaptopConfig {
+    /// The directory holding the desktops' export sockets for the agent directory
+    /// `root`: under [`RUNTIME_ROOT`] (one subdirectory per agent directory, so several
+    /// daemons on one host never share one) when confined, else `<root>/run`.
+    pub fn runtime_dir(&self, root: &Path) -> PathBuf {
+        if self.vm_users.is_none() {
+            return root.join("run");
+        }
+        let canonical = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        let id = blake3::hash(canonical.as_os_str().as_encoded_bytes());
+        Path::new(RUNTIME_ROOT).join(&id.to_hex()[..16])
+    }
 }
 
 /// What a desktop boots from, when the user says (personal desktop only).
@@ -262,7 +332,60 @@ impl Laptop {
             accel: self.config.accel,
             network: Network::None,
             controls: DeviceControls::default(),
+            run_as: None,
         })
+    }
+
+    /// The directory of `desktop`'s export socket, made so that its QEMU's user (and
+    /// root) can enter it and nobody else can.
+    fn socket_dir(&self, desktop: Desktop) -> Result<PathBuf, LaptopError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let runtime = self.config.runtime_dir(self.layout.root());
+        let dir = runtime.join(desktop.name());
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DesktopError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        if self.config.vm_users.is_some() {
+            // The runtime root and this daemon's subdirectory: enter-only for the QEMU
+            // users, so neither lists nor reaches the other desktop's directory.
+            for d in [Path::new(RUNTIME_ROOT), runtime.as_path()] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+                    .map_err(io(d))?;
+            }
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+        if let Some(u) = self.config.vm_users {
+            let r = u.of(desktop);
+            std::os::unix::fs::chown(&dir, Some(r.uid), Some(r.gid)).map_err(io(&dir))?;
+        }
+        Ok(dir)
+    }
+
+    /// Makes `desktop`'s own directories (disks, secrets) root's alone, so the other
+    /// desktop's QEMU user cannot open anything in them. Its VM state directory may be
+    /// entered by its own QEMU's group only: QEMU removes its pidfile (`pid/`, its own)
+    /// at a clean exit, after it has dropped privileges.
+    fn private_dirs(&self, desktop: Desktop) -> Result<(), LaptopError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let vm_dir = self.layout.vms_dir().join(desktop.name());
+        let group = self.config.vm_users.map(|u| u.of(desktop).gid);
+        let dirs = [
+            (self.layout.desktop_dir(desktop), 0o700, None),
+            (self.layout.run_dir(), 0o700, None),
+            (vm_dir, if group.is_some() { 0o710 } else { 0o700 }, group),
+        ];
+        for (d, mode, group) in dirs {
+            std::fs::create_dir_all(&d).map_err(|e| DesktopError::io(&d, e))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| DesktopError::io(&d, e))?;
+            if let Some(g) = group {
+                std::os::unix::fs::chown(&d, Some(0), Some(g))
+                    .map_err(|e| DesktopError::io(&d, e))?;
+            }
+        }
+        Ok(())
     }
 
     fn run_dir(&self, d: Desktop) -> Result<RunDir, LaptopError> {
@@ -287,6 +410,8 @@ impl Laptop {
             .into());
         }
         let mut boot = self.boot_config()?;
+        boot.run_as = self.config.vm_users.map(|u| u.of(desktop));
+        self.private_dirs(desktop)?;
         // The last verified target state: assignments and device controls. (A personal
         // desktop may run on a device that never enrolled: no target then.)
         let target = checkin::current_target(&self.dir).ok().flatten();
@@ -501,18 +626,19 @@ impl Laptop {
         let reader =
             tandem_store::ImageReader::with_cache(local.store.clone(), manifest, EXPORT_CACHE)
                 .map_err(tandem_sync::SyncError::from)?;
-        let run = self.layout.run_dir();
-        std::fs::create_dir_all(&run).map_err(|e| DesktopError::Io {
-            path: run.clone(),
-            source: e,
-        })?;
-        let socket = run.join(format!("nbd-{}.sock", desktop.name()));
+        let socket = self.socket_dir(desktop)?.join("nbd.sock");
         let mut exports = lock(&self.exports);
         exports.remove(desktop.name());
         let listener = {
             let _rt = self.rt.enter();
             tandem_nbd::bind(&socket)?
         };
+        if let Some(u) = self.config.vm_users {
+            // QEMU reconnects as its own user after a daemon restart.
+            let r = u.of(desktop);
+            std::os::unix::fs::chown(&socket, Some(r.uid), Some(r.gid))
+                .map_err(|e| DesktopError::io(&socket, e))?;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let label = format!("{}@{}", image.image, image.version);
         self.rt.spawn(tandem_nbd::serve(
@@ -911,6 +1037,7 @@ mod tests {
                 memory_mib: 64,
                 accel: Accel::Tcg,
                 user_disk_mib: 16,
+                vm_users: None,
             },
             rt.handle().clone(),
         );

@@ -45,6 +45,39 @@ fn alone(image: &Path) -> String {
     format!("json:{v}")
 }
 
+/// Points an existing overlay at `backing` when it names another string for the same base
+/// (an export socket that moved: a daemon upgrade, confinement turned on). Metadata only
+/// (`rebase -u`): the caller has checked that the base's content is the one the overlay
+/// was made on.
+pub fn retarget_overlay(overlay: &Path, backing: &str) -> Result<(), DesktopError> {
+    let info = qemu_img(
+        "info (overlay)",
+        &["info", "--output=json", "-U", &overlay.to_string_lossy()],
+    )?;
+    let current = serde_json::from_str::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v["backing-filename"].as_str().map(str::to_string));
+    if current.as_deref() == Some(backing) {
+        return Ok(());
+    }
+    qemu_img(
+        "rebase (overlay)",
+        &[
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            backing,
+            &overlay.to_string_lossy(),
+        ],
+    )
+    .map(drop)
+}
+
 /// Lets `write` (a tool) fill a temp file beside `out`, then moves it over `out`: a
 /// failure (disk full included) leaves any previous file at `out` untouched and no temp
 /// file behind. Temp files of crashed earlier runs are removed first.

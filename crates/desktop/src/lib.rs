@@ -121,7 +121,8 @@ pub enum DesktopError {
 }
 
 impl DesktopError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path` (ENOSPC becomes [`DesktopError::DiskFull`]).
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
         if source.raw_os_error() == Some(28) {
             return DesktopError::DiskFull { path };

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use tandem_tools::atomic::{write_atomic, TempFile, DEFAULT_MODE};
 use tandem_vm::rundir::Sidecar;
-use tandem_vm::{Accel, Boot, DeviceControls, DiskFormat, DiskSpec, Network, Serial, VmSpec};
+use tandem_vm::{
+    Accel, Boot, DeviceControls, DiskFormat, DiskSpec, Network, RunAs, Serial, VmSpec,
+};
 
 use crate::disks;
 use crate::keys::{SecretFile, SecretKey};
@@ -31,6 +33,8 @@ pub struct BootConfig {
     pub network: Network,
     /// Device controls from policy.
     pub controls: DeviceControls,
+    /// The unprivileged user this desktop's QEMU runs as (see [`RunAs`]).
+    pub run_as: Option<RunAs>,
 }
 
 /// A VM ready to hand to the supervisor.
@@ -67,6 +71,7 @@ fn spec(name: &str, boot: &BootConfig, disks: Vec<DiskSpec>) -> VmSpec {
         network: boot.network,
         accel: boot.accel,
         controls: boot.controls,
+        run_as: boot.run_as,
     }
 }
 
@@ -163,6 +168,7 @@ pub fn personal(
             .map_err(|e| DesktopError::io(base.backing(), e))?;
         disks::create_overlay(&base.backing(), size, &overlay)?;
     }
+    disks::retarget_overlay(&overlay, &base.backing())?;
     if !binding.exists() {
         write_atomic(&binding, base.label().as_bytes(), DEFAULT_MODE)
             .map_err(|e| DesktopError::io(&binding, e))?;
@@ -255,6 +261,7 @@ mod tests {
             accel: Accel::Tcg,
             network: Network::None,
             controls: DeviceControls::default(),
+            run_as: None,
         }
     }
 

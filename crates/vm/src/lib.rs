@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 
 pub use accel::{Accel, ResolvedAccel};
 pub use qmp::{Qmp, QmpError, VmStatus};
-pub use spec::{Boot, DeviceControls, DiskFormat, DiskSpec, Network, Serial, VmSpec, Vnc, QEMU};
+pub use spec::{
+    Boot, DeviceControls, DiskFormat, DiskSpec, Network, RunAs, Serial, VmSpec, Vnc, QEMU,
+};
 pub use vm::{Exit, Vm};
 
 /// Starting, watching or stopping a VM failed.

@@ -11,7 +11,7 @@
 //! | `serial.log`, `qemu.log` | QEMU | everything the guest printed; QEMU's stderr |
 //! | `stop-requested` | `vm stop` | marks the coming exit as asked for |
 //! | `sidecars.json` | `vm start` | helper processes the VM needs (e.g. an NBD export of its base) |
-//! | `qemu.pid` | QEMU | pid of a VM [`RunDir::launch`]ed by a long-lived owner, locked by QEMU while it lives |
+//! | `pid/qemu.pid` | QEMU | pid of a VM [`RunDir::launch`]ed by a long-lived owner, locked by QEMU while it lives; `pid/` belongs to the VM's [`crate::RunAs`] user so a confined QEMU can remove it at a clean exit |
 //!
 //! Two kinds of owner: a detached supervisor process per VM (`tandem vm start`), which
 //! holds `lock`; or a long-lived process such as the laptop daemon, which
@@ -193,7 +193,26 @@ impl RunDir {
 
     /// The pidfile of a launched QEMU.
     pub fn pidfile(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        self.dir.join("pid").join("qemu.pid")
+    }
+
+    /// Makes the pidfile's directory, owned by the user QEMU will run as: QEMU creates
+    /// the pidfile before it drops privileges but removes it after (a clean exit is told
+    /// from a crash by that removal).
+    fn pid_dir(&self, spec: &VmSpec) -> Result<(), VmError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = self.dir.join("pid");
+        std::fs::create_dir_all(&dir).map_err(|e| VmError::io(&dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| VmError::io(&dir, e))?;
+        let (uid, gid) = match spec.run_as {
+            Some(r) => (r.uid, r.gid),
+            None => (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
+        };
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| VmError::io(&dir, e))
     }
 
     /// The pid of a launched QEMU that is alive (it holds the lock on `qemu.pid`).
@@ -335,6 +354,7 @@ impl RunDir {
         let _ = std::fs::remove_file(self.stop_marker());
         let _ = std::fs::rename(self.serial_log(), self.dir.join("serial.prev.log"));
         let _ = std::fs::remove_file(self.pidfile());
+        self.pid_dir(spec)?;
         let spec = self.place(spec.clone());
         self.write_spec(&spec)?;
         let mut state = VmState {

@@ -130,6 +130,30 @@ pub struct DeviceControls {
     pub usb: bool,
 }
 
+/// The unprivileged identity QEMU switches to before the guest runs (`-run-with user=`).
+///
+/// QEMU opens every file, socket and accelerator named on its command line while it is
+/// still the launching user, then drops to this uid and gid (supplementary groups
+/// cleared). From then on the guest's device model can open only what this uid may: a
+/// compromised QEMU of one desktop cannot read the other desktop's disks, keys or base
+/// export. Reconnecting to an NBD base is the one open that happens later, so its socket
+/// must be reachable by this uid.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunAs {
+    /// User id (needs no passwd entry).
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// QEMU's seccomp filter for every VM Tandem starts: obsolete system calls, spawning
+/// processes and changing scheduling or resource limits are refused. Raising privileges
+/// is not listed: with [`RunAs`] QEMU itself calls setuid after the filter is in place
+/// (`elevateprivileges=deny` kills it then), and once it runs as an unprivileged uid
+/// that cannot exec (`spawn=deny`) there is nothing left to elevate to.
+pub const SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
+
 /// Everything needed to start one VM.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -160,6 +184,9 @@ pub struct VmSpec {
     /// Device controls.
     #[serde(default)]
     pub controls: DeviceControls,
+    /// The unprivileged user QEMU runs as (only when launched by root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<RunAs>,
 }
 
 /// The QEMU system emulator for x86-64 guests.
@@ -345,6 +372,12 @@ impl VmSpec {
                 ));
             }
         }
+        push("-sandbox");
+        push(SANDBOX);
+        if let Some(r) = self.run_as {
+            push("-run-with");
+            push(&format!("user={}:{}", r.uid, r.gid));
+        }
         push("-serial");
         push("chardev:ser0");
         push("-qmp");
@@ -460,6 +493,7 @@ mod tests {
             network: Network::None,
             accel: Accel::Tcg,
             controls: DeviceControls::default(),
+            run_as: None,
         }
     }
 
@@ -477,6 +511,28 @@ mod tests {
         assert!(joined.contains("if=virtio,format=raw,file="));
         assert!(joined.contains(",server=on,wait=off"));
         assert!(joined.contains("-nic none"));
+        assert!(joined.contains(&format!("-sandbox {SANDBOX}")), "{joined}");
+        assert!(!joined.contains("-run-with"), "{joined}");
+    }
+
+    #[test]
+    fn a_confined_vm_drops_to_its_own_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec(dir.path());
+        s.run_as = Some(RunAs {
+            uid: 64301,
+            gid: 64302,
+        });
+        let joined = s
+            .qemu_args(ResolvedAccel::Tcg)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("-run-with user=64301:64302"), "{joined}");
+        // setuid happens after the filter is installed: elevateprivileges=deny would
+        // kill QEMU (SIGSYS) at that moment.
+        assert!(!SANDBOX.contains("elevateprivileges"));
     }
 
     #[test]
