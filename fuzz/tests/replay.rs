@@ -84,3 +84,21 @@ fn seeds_reach_the_walkers_and_the_delta_builder() {
         assert!(st.built > 0 && st.mismatched.is_empty(), "{st:?}");
     }
 }
+
+/// `replay` fails on a panic in our code even when something caught it (the scanner
+/// catches walker panics), and on a panic that escapes the target.
+#[test]
+fn replay_reports_caught_and_escaped_panics() {
+    fn caught(_: &[u8]) {
+        let _ = std::panic::catch_unwind(|| panic!("caught inside"));
+    }
+    fn escaped(_: &[u8]) {
+        panic!("escaped");
+    }
+    fn fine(_: &[u8]) {}
+    let e = tandem_fuzz::replay(caught, b"").expect_err("caught panic reported");
+    assert!(e[0].contains("caught inside"), "{e:?}");
+    let e = tandem_fuzz::replay(escaped, b"").expect_err("escaped panic reported");
+    assert!(e[0].contains("escaped"), "{e:?}");
+    assert!(tandem_fuzz::replay(fine, b"").is_ok());
+}

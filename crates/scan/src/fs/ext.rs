@@ -80,6 +80,14 @@ impl Fs {
             .map_err(|e| (Reason::ReadError, format!("at volume offset {offset}: {e}")))
     }
 
+    /// Volume offset of block `block`: hostile block numbers (an inode table's, an
+    /// extent's) can overflow `block * block size`, and wrapping would read elsewhere.
+    fn at(&self, block: u64) -> Result<u64, ReadFail> {
+        block
+            .checked_mul(self.bs)
+            .ok_or_else(|| perr(format!("block {block} lies beyond any volume")))
+    }
+
     fn inode(&self, ino: u64) -> Result<Inode, ReadFail> {
         if ino == 0 || ino > self.inodes {
             return Err(perr(format!("inode {ino} out of range")));
@@ -92,7 +100,11 @@ impl Fs {
             .ok_or_else(|| perr("inode group out of range"))?;
         let mut b = [0u8; 160];
         let n = self.inode_size.min(160) as usize;
-        self.read(&mut b[..n], table * self.bs + idx * self.inode_size)?;
+        let at = self
+            .at(table)?
+            .checked_add(idx * self.inode_size)
+            .ok_or_else(|| perr(format!("inode table at block {table} overflows")))?;
+        self.read(&mut b[..n], at)?;
         let mut iblock = [0u8; 60];
         iblock.copy_from_slice(&b[0x28..0x64]);
         Ok(Inode {
@@ -156,7 +168,7 @@ impl Fs {
                 let leaf = (u16_at(e, 8)? << 32) | u32_at(e, 4)?;
                 self.check(leaf, 1)?;
                 let mut b = vec![0u8; self.bs as usize];
-                self.read(&mut b, leaf * self.bs)?;
+                self.read(&mut b, self.at(leaf)?)?;
                 self.extent_node(&b, depth + 1, out)?;
             }
         }
@@ -219,7 +231,7 @@ impl Fs {
     ) -> Result<(), ReadFail> {
         self.check(block, 1)?;
         let mut b = vec![0u8; self.bs as usize];
-        self.read(&mut b, block * self.bs)?;
+        self.read(&mut b, self.at(block)?)?;
         let per = self.bs / 4;
         let span = per.pow(level - 1);
         for i in 0..per {
@@ -263,7 +275,7 @@ impl Fs {
                 continue;
             }
             let end = (r.logical + r.len).saturating_mul(self.bs).min(size);
-            self.read(&mut buf[start as usize..end as usize], r.physical * self.bs)?;
+            self.read(&mut buf[start as usize..end as usize], self.at(r.physical)?)?;
         }
         Ok(())
     }
@@ -430,4 +442,33 @@ pub(crate) fn walk(view: Slice, ctx: &mut Ctx) -> Result<(), Verdict> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Fuzzer finding (`fuzz/regressions/scan_ext4/crash-*`): a group descriptor naming an
+    /// inode table near 2^64 overflowed `table * block size` (a panic with overflow checks,
+    /// a read somewhere else without); it is a parse error of that inode now.
+    #[test]
+    fn an_inode_table_beyond_any_volume_is_a_parse_error() {
+        let disk: Arc<dyn tandem_disk::ReadAt> = Arc::new(tandem_disk::MemDisk(vec![0; 8192]));
+        let fs = Fs {
+            view: Slice::new(disk, 0, 8192).expect("slice"),
+            bs: 4096,
+            blocks: 2,
+            inodes: 16,
+            ipg: 16,
+            inode_size: 256,
+            itables: vec![u64::MAX / 1024],
+        };
+        let Err((reason, detail)) = fs.inode(2) else {
+            panic!("read an inode from an impossible table");
+        };
+        assert_eq!(reason, Reason::ParseError, "{detail}");
+        assert!(fs.at(u64::MAX / 2).is_err() && fs.at(1).is_ok_and(|o| o == 4096));
+    }
 }
