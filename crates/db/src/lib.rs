@@ -12,6 +12,10 @@
 //!   missing inside one transaction (PostgreSQL additionally takes an advisory lock so two
 //!   replicas starting together do not race). Never edit a released migration: add one.
 //! - The audit table is append-only, enforced by triggers on both back-ends.
+//! - Request nonces live in the `nonces` table, keyed by (device, nonce), so every replica
+//!   on one database refuses a replay any of them saw: recording one is a single
+//!   `INSERT … ON CONFLICT DO NOTHING` whose affected-row count says fresh or replayed;
+//!   the server prunes rows by request time on a clock ([`Db::prune_nonces`]).
 //! - Times are unix seconds; ids are hex text.
 //!
 //! The trait is object-safe (`Arc<dyn Db>`): methods return boxed futures.
@@ -204,6 +208,29 @@ pub struct NewAudit {
     pub detail: serde_json::Value,
 }
 
+/// A request's nonce, recorded in the transaction of the write the request makes
+/// ([`Db::record_checkin`]) instead of in one of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNonce {
+    /// The device that signed the request.
+    pub device: DeviceId,
+    /// The request's nonce.
+    pub nonce: String,
+    /// The request's signed time (unix seconds).
+    pub at: u64,
+}
+
+/// What [`Db::record_checkin`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckinOutcome {
+    /// The check-in, its nonce, lease and audit entries committed.
+    Recorded,
+    /// The device's status is no longer the expected one: nothing was written.
+    StatusChanged,
+    /// The request's nonce was recorded already (a replay): nothing was written.
+    Replayed,
+}
+
 /// Which audit entries to read.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -266,11 +293,15 @@ pub trait Db: Send + Sync + fmt::Debug {
     fn device(&self, id: DeviceId) -> DbFuture<'_, Option<DeviceRow>>;
     /// Every device, by enrollment time.
     fn devices(&self) -> DbFuture<'_, Vec<DeviceRow>>;
-    /// Records a check-in, the lease issued with it (if any) and its audit entries, in one
-    /// transaction (one commit per check-in: the fleet's hottest write) — only while the
-    /// device's status is still `expected`. `Ok(false)`: the status changed since the
-    /// caller read it (say, a kill was ordered); nothing was written and the caller must
-    /// decide again from the new status, so a lease is never issued past a kill order.
+    /// Records a check-in, the lease issued with it (if any), its audit entries and the
+    /// nonce of the request that carried it (if given), in one transaction (one commit per
+    /// check-in: the fleet's hottest write) — only while the device's status is still
+    /// `expected`. [`CheckinOutcome::StatusChanged`]: the status changed since the caller
+    /// read it (say, a kill was ordered); nothing was written and the caller must decide
+    /// again from the new status, so a lease is never issued past a kill order.
+    /// [`CheckinOutcome::Replayed`]: the nonce was recorded already, as by
+    /// [`Db::record_nonce`]; nothing was written.
+    #[allow(clippy::too_many_arguments)]
     fn record_checkin(
         &self,
         id: DeviceId,
@@ -279,7 +310,8 @@ pub trait Db: Send + Sync + fmt::Debug {
         report_json: &str,
         lease_not_after: Option<u64>,
         audit: Vec<NewAudit>,
-    ) -> DbFuture<'_, bool>;
+        nonce: Option<NewNonce>,
+    ) -> DbFuture<'_, CheckinOutcome>;
     /// Marks an active device kill-pending; [`DbError::Conflict`] when it is not active.
     fn order_kill(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> DbFuture<'_, ()>;
     /// Marks a kill-pending device killed with its signed acknowledgement.
@@ -304,6 +336,19 @@ pub trait Db: Send + Sync + fmt::Debug {
     fn device_counts(&self) -> DbFuture<'_, Vec<(DeviceStatus, u64)>>;
     /// Audit entries matching `search`, newest first.
     fn audit_search(&self, search: &AuditSearch) -> DbFuture<'_, Vec<AuditEntry>>;
+
+    /// Records that `device` sent `nonce` in a request signed at `at` (unix seconds).
+    /// `Ok(true)`: first sighting. `Ok(false)`: this device's nonce is recorded already —
+    /// by this replica or another one on the same database — so the request is a replay.
+    /// One statement (an insert that does nothing on conflict): of two racing inserts of
+    /// the same nonce exactly one returns `true`.
+    fn record_nonce(&self, device: DeviceId, nonce: &str, at: u64) -> DbFuture<'_, bool>;
+    /// Drops the nonces of requests signed before `before`; returns how many.
+    fn prune_nonces(&self, before: u64) -> DbFuture<'_, u64>;
+    /// When this database started recording nonces (unix seconds): the time the
+    /// migration creating the `nonces` table was applied. A request signed earlier may
+    /// have been accepted by a server that kept its nonces in memory only.
+    fn nonces_recorded_since(&self) -> DbFuture<'_, u64>;
 }
 
 /// Opens the database named by `url`, running migrations first.
@@ -364,6 +409,23 @@ macro_rules! insert_audit {
         .execute($exec)
         .await
         .map_err(q("append audit"))?;
+    }};
+}
+
+/// Inserts one nonce row on `$exec` (a pool or a transaction); `true` when it is new.
+macro_rules! insert_nonce {
+    ($db:ty, $exec:expr, $device:expr, $nonce:expr, $at:expr) => {{
+        let done = sqlx::query::<$db>(
+            "INSERT INTO nonces (device_id, nonce, at) VALUES ($1, $2, $3) \
+             ON CONFLICT (device_id, nonce) DO NOTHING",
+        )
+        .bind($device.to_string())
+        .bind($nonce)
+        .bind(ts($at))
+        .execute($exec)
+        .await
+        .map_err(q("record nonce"))?;
+        done.rows_affected() == 1
     }};
 }
 
@@ -765,10 +827,19 @@ macro_rules! impl_db {
                 report_json: &str,
                 lease_not_after: Option<u64>,
                 audit: Vec<NewAudit>,
-            ) -> DbFuture<'_, bool> {
+                nonce: Option<NewNonce>,
+            ) -> DbFuture<'_, CheckinOutcome> {
                 let report = report_json.to_string();
                 Box::pin(async move {
                     let mut tx = self.pool.begin().await.map_err(q("begin check-in"))?;
+                    // The nonce first: a replay waits on the first copy's row, then bails
+                    // out before touching the device.
+                    if let Some(n) = &nonce {
+                        if !insert_nonce!($db, &mut *tx, n.device, &n.nonce, n.at) {
+                            tx.rollback().await.map_err(q("roll back check-in"))?;
+                            return Ok(CheckinOutcome::Replayed);
+                        }
+                    }
                     // The status test and the lease write are one statement: a kill ordered
                     // after the caller read the status makes this update match nothing.
                     let done = sqlx::query::<$db>(
@@ -786,13 +857,13 @@ macro_rules! impl_db {
                     .map_err(q("record check-in"))?;
                     if done.rows_affected() == 0 {
                         tx.rollback().await.map_err(q("roll back check-in"))?;
-                        return Ok(false);
+                        return Ok(CheckinOutcome::StatusChanged);
                     }
                     for e in audit {
                         insert_audit!($db, &mut *tx, e);
                     }
                     tx.commit().await.map_err(q("commit check-in"))?;
-                    Ok(true)
+                    Ok(CheckinOutcome::Recorded)
                 })
             }
 
@@ -1046,6 +1117,35 @@ macro_rules! impl_db {
                     .await
                     .map_err(q("search audit"))?;
                     rows.iter().map(Self::audit_from).collect()
+                })
+            }
+
+            fn record_nonce(&self, device: DeviceId, nonce: &str, at: u64) -> DbFuture<'_, bool> {
+                let nonce = nonce.to_string();
+                Box::pin(async move { Ok(insert_nonce!($db, &self.pool, device, &nonce, at)) })
+            }
+
+            fn prune_nonces(&self, before: u64) -> DbFuture<'_, u64> {
+                Box::pin(async move {
+                    let done = sqlx::query::<$db>("DELETE FROM nonces WHERE at < $1")
+                        .bind(ts(before))
+                        .execute(&self.pool)
+                        .await
+                        .map_err(q("prune nonces"))?;
+                    Ok(done.rows_affected())
+                })
+            }
+
+            fn nonces_recorded_since(&self) -> DbFuture<'_, u64> {
+                Box::pin(async move {
+                    let at = sqlx::query_scalar::<$db, i64>(
+                        "SELECT applied_at FROM tandem_schema WHERE version = $1",
+                    )
+                    .bind(migrations::NONCES_VERSION)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(q("read when nonces were first recorded"))?;
+                    Ok(uts(at))
                 })
             }
         }

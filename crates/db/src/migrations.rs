@@ -88,6 +88,17 @@ CREATE INDEX devices_enrolled ON devices (enrolled_at);
 CREATE INDEX devices_last_checkin ON devices (last_checkin);
 CREATE INDEX devices_lease ON devices (lease_not_after);
 "#,
+    // 3: request nonces, shared by replicas (replay protection); `at` is the request's
+    // signed time, by which old rows are pruned.
+    r#"
+CREATE TABLE nonces (
+    device_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+) WITHOUT ROWID;
+CREATE INDEX nonces_at ON nonces (at);
+"#,
 ];
 
 /// PostgreSQL schema, in order.
@@ -172,7 +183,22 @@ CREATE INDEX devices_enrolled ON devices (enrolled_at);
 CREATE INDEX devices_last_checkin ON devices (last_checkin);
 CREATE INDEX devices_lease ON devices (lease_not_after);
 "#,
+    // 3: request nonces, shared by replicas (replay protection); `at` is the request's
+    // signed time, by which old rows are pruned.
+    r#"
+CREATE TABLE nonces (
+    device_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+);
+CREATE INDEX nonces_at ON nonces (at);
+"#,
 ];
+
+/// The migration that creates the `nonces` table: the time it was applied is when the
+/// database started recording nonces ([`crate::Db::nonces_recorded_since`]).
+pub const NONCES_VERSION: i64 = 3;
 
 const CREATE_SCHEMA_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS tandem_schema (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
@@ -250,5 +276,12 @@ mod tests {
     #[test]
     fn both_backends_have_the_same_number_of_migrations() {
         assert_eq!(super::SQLITE.len(), super::POSTGRES.len());
+    }
+
+    #[test]
+    fn nonces_version_names_the_migration_that_creates_the_table() {
+        let i = super::NONCES_VERSION as usize - 1;
+        assert!(super::SQLITE[i].contains("CREATE TABLE nonces"));
+        assert!(super::POSTGRES[i].contains("CREATE TABLE nonces"));
     }
 }

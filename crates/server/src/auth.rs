@@ -7,11 +7,17 @@
 //! current status in the database — a killed device is refused on every request.
 //! Admin credentials are random 32-byte tokens stored as BLAKE3 hashes.
 //!
-//! The nonce cache is per process: with several replicas behind a load balancer a replay
-//! could land on another replica within the skew window. Each replay can only repeat the
-//! exact same signed request (same method, path and body), never forge a new one. After a
-//! restart the cache is empty, so requests signed before the process started are refused
-//! (`stale_request`): a replay of a captured request cannot outlive the process that saw it.
+//! Nonces are recorded in the database ([`ReplayGuard`]), not in process memory: every
+//! replica on one database refuses a request whose nonce any of them saw, and a restart
+//! forgets nothing, so there is no "signed before this process started" rule any more.
+//! A check-in's nonce goes into the check-in's own transaction ([`CheckinNonce`]), so the
+//! hottest request still commits once.
+//! Rows are kept [`NONCE_KEEP_SECS`] (twice the skew window) past their request time and
+//! pruned on a clock; a replay of a pruned nonce is refused by the time check instead, as
+//! long as replicas' clocks are less than `MAX_SKEW_SECS` (300 s) apart. The one request a
+//! restart could still admit twice is one accepted by a build that kept nonces in memory
+//! only, so requests signed before the database began recording nonces are refused
+//! (`stale_request`; this matters only in the minutes after the upgrade).
 //!
 //! # Device rights
 //!
@@ -27,14 +33,15 @@
 //! | killed       | no       | no       | no         | no: 403 `device_killed`, audited             | no |
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
-use tandem_db::DeviceRow;
+use tandem_db::{Db, DbError, DeviceRow};
 use tandem_proto::auth::{self, RequestSignature};
 use tandem_proto::fleet::{DeviceId, DeviceStatus};
 
@@ -191,46 +198,67 @@ impl<S: Send + Sync> FromRequestParts<S> for Device {
     }
 }
 
-/// Remembers recent nonces per device so a captured request cannot be replayed. Only
-/// requests whose signature verified reach it, so only enrolled devices can fill it;
-/// entries older than twice the skew window are dropped at most once a minute.
+/// How long a nonce is kept past its request time: twice the skew window, so a nonce is
+/// still recorded while any replica whose clock is within `MAX_SKEW_SECS` of the pruning
+/// replica's could accept its time.
+pub const NONCE_KEEP_SECS: u64 = 2 * auth::MAX_SKEW_SECS;
+/// A replica prunes old nonces from the database at most this often.
+pub const NONCE_PRUNE_SECS: u64 = 60;
+
+/// Replay protection across replicas and restarts. Each verified request's (device,
+/// nonce) is recorded in the database with one conflict-free insert (`Db::record_nonce`;
+/// a check-in's in the check-in's own transaction, [`CheckinNonce`]), and a nonce recorded
+/// already — by any replica — is a replay. Only requests whose signature verified get
+/// there, so only enrolled devices can add rows. This guard holds the rest: the time
+/// before which requests are refused, and the prune clock — rows older than
+/// [`NONCE_KEEP_SECS`] are dropped at most every [`NONCE_PRUNE_SECS`] per replica, off
+/// the request path.
+///
+/// There is no in-memory first filter: every fresh nonce has to be written for the other
+/// replicas anyway, and a replay reaches this check only after a database read of the
+/// device and a signature check, so a local cache would save little and add state.
 #[derive(Debug)]
-pub struct NonceCache {
-    inner: Mutex<Nonces>,
-    /// When this process started (unix seconds): requests signed earlier are refused.
-    started_at: u64,
+pub struct ReplayGuard {
+    /// When the database began recording nonces: requests signed earlier are refused
+    /// (a server keeping nonces in memory only may have accepted them).
+    recorded_since: u64,
+    /// When this replica last started a prune (unix seconds; 0: never).
+    last_prune: AtomicU64,
 }
 
-impl Default for NonceCache {
-    fn default() -> Self {
-        NonceCache::started_at(now())
-    }
-}
-
-#[derive(Debug, Default)]
-struct Nonces {
-    seen: HashMap<(DeviceId, String), u64>,
-    last_prune: u64,
-}
-
-impl NonceCache {
-    /// An empty cache for a process that started at `started_at`.
-    pub fn started_at(started_at: u64) -> Self {
-        NonceCache {
-            inner: Mutex::new(Nonces::default()),
-            started_at,
-        }
+impl ReplayGuard {
+    /// The guard for a server on `db`.
+    pub async fn open(db: &dyn Db) -> Result<Self, DbError> {
+        Ok(ReplayGuard {
+            recorded_since: db.nonces_recorded_since().await?,
+            last_prune: AtomicU64::new(0),
+        })
     }
 
-    /// Records a nonce; false when it was seen within the window.
-    fn insert(&self, device: DeviceId, nonce: &str, time: u64, now: u64) -> bool {
-        let mut n = self.inner.lock().expect("nonce cache lock poisoned");
-        if now >= n.last_prune + 60 {
-            let horizon = now.saturating_sub(2 * auth::MAX_SKEW_SECS);
-            n.seen.retain(|_, t| *t >= horizon);
-            n.last_prune = now;
+    /// Drops nonces older than [`NONCE_KEEP_SECS`] in the background when the last prune
+    /// of this replica is [`NONCE_PRUNE_SECS`] old (or there was none); the handle of the
+    /// started prune.
+    pub(crate) fn prune_if_due(
+        &self,
+        db: &Arc<dyn Db>,
+        now: u64,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let last = self.last_prune.load(Ordering::Relaxed);
+        if now < last.saturating_add(NONCE_PRUNE_SECS)
+            || self
+                .last_prune
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
         }
-        n.seen.insert((device, nonce.to_string()), time).is_none()
+        let (db, before) = (db.clone(), now.saturating_sub(NONCE_KEEP_SECS));
+        Some(tokio::spawn(async move {
+            match db.prune_nonces(before).await {
+                Ok(n) => tracing::debug!(pruned = n, before, "old request nonces dropped"),
+                Err(e) => tracing::warn!(error = %e, "could not prune old request nonces"),
+            }
+        }))
     }
 }
 
@@ -364,39 +392,13 @@ pub async fn authenticate(
         let Ok(permit) = state.body_gate.permits.try_acquire() else {
             return Ok(busy());
         };
-        let (req, device) = verify_device(&state, req).await?;
+        let (req, device, deferred) = verify_device(&state, req).await?;
         drop(permit);
-        let cap = capability(req.method(), req.uri().path());
-        if !device_may(device.status, cap) {
-            return Err(refuse_device(&state, &device, cap, req.uri().path()).await);
+        let resp = device_request(&state, req, device, deferred.clone(), next).await;
+        if let Some(n) = deferred {
+            n.record_if_unsettled(&state).await;
         }
-        let path = req.uri().path();
-        if path.starts_with("/v1/images") || path.starts_with("/v1/chunks") {
-            let user = state.db.user(&device.user).await?;
-            state.access.set(
-                device.id,
-                tandem_proto::fleet::Assignments {
-                    corporate: user.as_ref().and_then(|u| u.corporate.clone()),
-                    personal: user.as_ref().and_then(|u| u.personal.clone()),
-                },
-            );
-            let held = device
-                .last_report
-                .as_deref()
-                .and_then(|r| serde_json::from_str::<tandem_proto::fleet::CheckinRequest>(r).ok())
-                .map(|r| r.images)
-                .unwrap_or_default();
-            state.access.set_held(device.id, held);
-        }
-        let mut req = req;
-        req.extensions_mut()
-            .insert(crate::images::Caller::Device(device.id.to_string()));
-        req.extensions_mut().insert(Caller::Device {
-            id: device.id,
-            user: device.user.clone(),
-        });
-        req.extensions_mut().insert(device);
-        return Ok(next.run(req).await);
+        return resp;
     }
     Err(unauthorized(
         "unauthenticated",
@@ -404,7 +406,57 @@ pub async fn authenticate(
     ))
 }
 
-async fn verify_device(state: &AppState, req: Request) -> Result<(Request, DeviceRow), ApiError> {
+/// The rest of a device request once its signature, time and nonce passed (or, for a
+/// check-in, once its nonce is left to the check-in's transaction).
+async fn device_request(
+    state: &AppState,
+    req: Request,
+    device: DeviceRow,
+    deferred: Option<CheckinNonce>,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let cap = capability(req.method(), req.uri().path());
+    if !device_may(device.status, cap) {
+        return Err(refuse_device(state, &device, cap, req.uri().path()).await);
+    }
+    let path = req.uri().path();
+    if path.starts_with("/v1/images") || path.starts_with("/v1/chunks") {
+        let user = state.db.user(&device.user).await?;
+        state.access.set(
+            device.id,
+            tandem_proto::fleet::Assignments {
+                corporate: user.as_ref().and_then(|u| u.corporate.clone()),
+                personal: user.as_ref().and_then(|u| u.personal.clone()),
+            },
+        );
+        let held = device
+            .last_report
+            .as_deref()
+            .and_then(|r| serde_json::from_str::<tandem_proto::fleet::CheckinRequest>(r).ok())
+            .map(|r| r.images)
+            .unwrap_or_default();
+        state.access.set_held(device.id, held);
+    }
+    let mut req = req;
+    req.extensions_mut()
+        .insert(crate::images::Caller::Device(device.id.to_string()));
+    req.extensions_mut().insert(Caller::Device {
+        id: device.id,
+        user: device.user.clone(),
+    });
+    req.extensions_mut().insert(device);
+    if let Some(n) = deferred {
+        req.extensions_mut().insert(n);
+    }
+    Ok(next.run(req).await)
+}
+
+/// Checks a device request's signature, time and nonce. A check-in's nonce is not recorded
+/// here but returned, for the check-in's own transaction ([`CheckinNonce`]).
+async fn verify_device(
+    state: &AppState,
+    req: Request,
+) -> Result<(Request, DeviceRow, Option<CheckinNonce>), ApiError> {
     let missing = |h: &str| unauthorized("bad_signature", format!("missing header {h}"));
     let device: DeviceId = header(&req, auth::HEADER_DEVICE)
         .ok_or_else(|| missing(auth::HEADER_DEVICE))?
@@ -427,12 +479,12 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
         .ok_or_else(|| missing(auth::HEADER_SIGNATURE))?
         .to_string();
     let now = now();
-    if time < state.nonces.started_at {
+    if time < state.nonces.recorded_since {
         return Err(unauthorized(
             "stale_request",
             format!(
-                "request time {time} is before the server started ({}); sign the request again",
-                state.nonces.started_at
+                "request time {time} is before the server began recording request nonces ({}); sign the request again",
+                state.nonces.recorded_since
             ),
         ));
     }
@@ -452,6 +504,7 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
         ));
     };
     let source = peer(&req);
+    let defer = req.method() == axum::http::Method::POST && req.uri().path() == CHECKIN_PATH;
     let method = req.method().as_str().to_string();
     let path = req
         .uri()
@@ -487,14 +540,89 @@ async fn verify_device(state: &AppState, req: Request) -> Result<(Request, Devic
             "signature does not verify with this device's key",
         ));
     }
-    if !state.nonces.insert(device, &nonce, time, now) {
-        auth_failed(state, device, &source, "replayed", &path).await;
-        return Err(unauthorized(
-            "replayed",
-            "this request was already received (replayed nonce)",
-        ));
+    state.nonces.prune_if_due(&state.db, now);
+    let req = Request::from_parts(parts, Body::from(bytes));
+    if defer {
+        let n = CheckinNonce(Arc::new(DeferredNonce {
+            nonce: tandem_db::NewNonce {
+                device,
+                nonce,
+                at: time,
+            },
+            source,
+            path,
+            settled: AtomicBool::new(false),
+        }));
+        return Ok((req, row, Some(n)));
     }
-    Ok((Request::from_parts(parts, Body::from(bytes)), row))
+    if !state.db.record_nonce(device, &nonce, time).await? {
+        return Err(replayed(state, device, &source, &path).await);
+    }
+    Ok((req, row, None))
+}
+
+/// Audits a replayed request and builds its refusal.
+async fn replayed(state: &AppState, device: DeviceId, source: &str, path: &str) -> ApiError {
+    auth_failed(state, device, source, "replayed", path).await;
+    replay_refusal()
+}
+
+/// The refusal of a replayed request: 401 `replayed`.
+pub fn replay_refusal() -> ApiError {
+    unauthorized(
+        "replayed",
+        "this request was already received (replayed nonce)",
+    )
+}
+
+/// The route whose nonce is recorded in its own transaction ([`CheckinNonce`]).
+const CHECKIN_PATH: &str = "/v1/checkin";
+
+/// A check-in's nonce, left by [`authenticate`] in the request's extensions for the
+/// check-in handler to record in the check-in's transaction (`Db::record_checkin`): one
+/// commit per check-in, the fleet's hottest request, instead of two. Nothing before that
+/// write has effects. If the handler does not settle it (an error before the write, a
+/// refused device), [`authenticate`] records it once the handler has returned, so every
+/// verified request's nonce is recorded either way.
+#[derive(Debug, Clone)]
+pub struct CheckinNonce(Arc<DeferredNonce>);
+
+#[derive(Debug)]
+struct DeferredNonce {
+    nonce: tandem_db::NewNonce,
+    source: String,
+    path: String,
+    settled: AtomicBool,
+}
+
+impl CheckinNonce {
+    /// The row to write with the check-in.
+    pub fn row(&self) -> tandem_db::NewNonce {
+        self.0.nonce.clone()
+    }
+
+    /// The check-in's transaction committed with the nonce.
+    pub fn recorded(&self) {
+        self.0.settled.store(true, Ordering::Relaxed);
+    }
+
+    /// The check-in's transaction found the nonce recorded already: audits the replay and
+    /// returns the refusal.
+    pub async fn replayed(&self, state: &AppState) -> ApiError {
+        self.0.settled.store(true, Ordering::Relaxed);
+        let n = &self.0;
+        replayed(state, n.nonce.device, &n.source, &n.path).await
+    }
+
+    async fn record_if_unsettled(&self, state: &AppState) {
+        if self.0.settled.load(Ordering::Relaxed) {
+            return;
+        }
+        let n = &self.0.nonce;
+        if let Err(e) = state.db.record_nonce(n.device, &n.nonce, n.at).await {
+            tracing::warn!(device = %n.device, error = %e, "could not record a check-in's nonce");
+        }
+    }
 }
 
 /// 503 `busy`: every body permit is taken; the device retries later.
@@ -578,7 +706,6 @@ pub fn new_secret(prefix: &str) -> String {
 mod tests {
     use super::*;
     use axum::http::StatusCode;
-    use std::sync::Arc;
     use tandem_proto::SigningKey;
     use tower::ServiceExt as _;
 
@@ -642,13 +769,24 @@ mod tests {
         body: &[u8],
     ) -> (StatusCode, serde_json::Value) {
         let s = RequestSignature::sign(key, &id.to_string(), method, path, now(), body);
+        send(app, &s, method, path, body).await
+    }
+
+    /// Sends the request signed as `s` (again, when it was sent before: a replay).
+    async fn send(
+        app: &axum::Router,
+        s: &RequestSignature,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (StatusCode, serde_json::Value) {
         let req = axum::http::Request::builder()
             .method(method)
             .uri(path)
-            .header(auth::HEADER_DEVICE, s.device)
+            .header(auth::HEADER_DEVICE, &s.device)
             .header(auth::HEADER_TIME, s.time.to_string())
-            .header(auth::HEADER_NONCE, s.nonce)
-            .header(auth::HEADER_SIGNATURE, s.signature)
+            .header(auth::HEADER_NONCE, &s.nonce)
+            .header(auth::HEADER_SIGNATURE, &s.signature)
             .body(Body::from(body.to_vec()))
             .expect("request");
         let resp = app.clone().oneshot(req).await.expect("infallible");
@@ -808,10 +946,141 @@ mod tests {
         );
     }
 
-    /// Should-fix: a request signed before the server process started is refused, so a
-    /// captured request cannot be replayed after a restart empties the nonce cache.
+    /// A replica: the fleet routes on `data` (keys shared through it, as a shared volume
+    /// would) and on `database` (`None`: the SQLite file in `data`).
+    async fn replica(
+        data: &std::path::Path,
+        database: Option<tandem_db::DatabaseUrl>,
+    ) -> (AppState, axum::Router) {
+        let server = crate::Server::open(crate::ServerConfig {
+            data_dir: data.join("srv"),
+            database,
+            escrow_key_file: Some(data.join("escrow.key")),
+        })
+        .await
+        .expect("open replica");
+        let app = crate::router(server.state.clone());
+        (server.state, app)
+    }
+
+    /// The PostgreSQL database for a test, or `None` to skip (see `tandem_db::scratch`).
+    async fn postgres() -> Option<tandem_db::DatabaseUrl> {
+        let server = tandem_db::scratch::test_server()?;
+        Some(
+            tandem_db::scratch::create(&server)
+                .await
+                .expect("scratch database"),
+        )
+    }
+
+    fn is_replay(r: &(StatusCode, serde_json::Value)) -> bool {
+        r.0 == StatusCode::UNAUTHORIZED && r.1["code"] == "replayed"
+    }
+
+    /// Two replicas on one database: a request signed once is accepted by the first that
+    /// receives it and refused as a replay by the other, in both directions, for a
+    /// check-in and for a plain read.
+    async fn replicas_share_replay_protection(database: Option<tandem_db::DatabaseUrl>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a_state, a) = replica(dir.path(), database.clone()).await;
+        let (b_state, b) = replica(dir.path(), database).await;
+        let (id, key) = enroll(&a_state, "dora").await;
+        let own = format!("/v1/devices/{id}");
+        let checkin = checkin_body();
+        let requests: [(&str, &str, &[u8]); 2] =
+            [("POST", "/v1/checkin", &checkin), ("GET", &own, &[])];
+        for (m, p, body) in requests {
+            for (first, second, dir) in [(&a, &b, "A then B"), (&b, &a, "B then A")] {
+                let s = RequestSignature::sign(&key, &id.to_string(), m, p, now(), body);
+                let r = send(first, &s, m, p, body).await;
+                assert_eq!(r.0, StatusCode::OK, "{m} {p} {dir}: {}", r.1);
+                let r = send(second, &s, m, p, body).await;
+                assert!(is_replay(&r), "{m} {p} {dir}: {r:?}");
+                let r = send(first, &s, m, p, body).await;
+                assert!(is_replay(&r), "{m} {p} {dir}, back on the first: {r:?}");
+            }
+        }
+        // Every replay was audited as one, whichever replica refused it.
+        let replays = b_state
+            .db
+            .audit(tandem_db::AuditFilter {
+                device: Some(id),
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_iter()
+            .filter(|e| e.action == "device.auth-failed" && e.detail["code"] == "replayed")
+            .count();
+        assert_eq!(replays, 8);
+    }
+
     #[tokio::test]
-    async fn requests_signed_before_the_server_started_are_refused() {
+    async fn a_request_accepted_by_one_replica_is_refused_by_another_on_sqlite() {
+        replicas_share_replay_protection(None).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_accepted_by_one_replica_is_refused_by_another_on_postgres() {
+        let Some(url) = postgres().await else { return };
+        replicas_share_replay_protection(Some(url)).await;
+    }
+
+    /// A check-in's nonce is recorded in the check-in's transaction; one refused before
+    /// that write (here: a malformed body) still has its nonce recorded afterwards. (Its
+    /// replay fails the same way before reaching the nonce, with no effect either.)
+    #[tokio::test]
+    async fn a_check_in_failing_before_its_write_still_records_its_nonce() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, app) = server(dir.path()).await;
+        let (id, key) = enroll(&state, "fred").await;
+        let (m, p, body) = ("POST", "/v1/checkin", b"{not json".as_slice());
+        let s = RequestSignature::sign(&key, &id.to_string(), m, p, now(), body);
+        let r = send(&app, &s, m, p, body).await;
+        assert_eq!(r.0, StatusCode::BAD_REQUEST, "{}", r.1);
+        let fresh = state.db.record_nonce(id, &s.nonce, s.time).await;
+        assert!(!fresh.expect("record"), "the nonce was recorded");
+    }
+
+    /// A server restarted on the same database refuses a replay of a request its previous
+    /// process accepted: the nonces outlive the process.
+    async fn restarts_keep_replay_protection(database: Option<tandem_db::DatabaseUrl>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, app) = replica(dir.path(), database.clone()).await;
+        let (id, key) = enroll(&state, "erin").await;
+        let body = checkin_body();
+        let s = RequestSignature::sign(&key, &id.to_string(), "POST", "/v1/checkin", now(), &body);
+        let r = send(&app, &s, "POST", "/v1/checkin", &body).await;
+        assert_eq!(r.0, StatusCode::OK, "{}", r.1);
+        // Signed before the restart, sent after it.
+        let (m, p) = ("GET", format!("/v1/devices/{id}"));
+        let early = RequestSignature::sign(&key, &id.to_string(), m, &p, now(), &[]);
+        drop((state, app));
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let (_state, app) = replica(dir.path(), database).await;
+        let r = send(&app, &s, "POST", "/v1/checkin", &body).await;
+        assert!(is_replay(&r), "after the restart: {r:?}");
+        // There is no "signed before this process started" rule any more: a request
+        // signed before the restart and never sent is accepted.
+        let r = send(&app, &early, m, &p, &[]).await;
+        assert_eq!(r.0, StatusCode::OK, "{}", r.1);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_server_refuses_replays_of_requests_accepted_before_on_sqlite() {
+        restarts_keep_replay_protection(None).await;
+    }
+
+    #[tokio::test]
+    async fn a_restarted_server_refuses_replays_of_requests_accepted_before_on_postgres() {
+        let Some(url) = postgres().await else { return };
+        restarts_keep_replay_protection(Some(url)).await;
+    }
+
+    /// A request signed before the database began recording nonces (an older server may
+    /// have accepted it with its nonce in memory only) is refused as stale.
+    #[tokio::test]
+    async fn requests_signed_before_nonces_were_recorded_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (state, app) = server(dir.path()).await;
         let (id, key) = enroll(&state, "bob").await;
@@ -821,20 +1090,41 @@ mod tests {
             &id.to_string(),
             "POST",
             "/v1/checkin",
-            state.nonces.started_at - 1,
+            state.nonces.recorded_since - 1,
             &body,
         );
-        let req = axum::http::Request::builder()
-            .method("POST")
-            .uri("/v1/checkin")
-            .header(auth::HEADER_DEVICE, s.device)
-            .header(auth::HEADER_TIME, s.time.to_string())
-            .header(auth::HEADER_NONCE, s.nonce)
-            .header(auth::HEADER_SIGNATURE, s.signature)
-            .body(Body::from(body))
-            .expect("request");
-        let resp = app.oneshot(req).await.expect("infallible");
-        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let (status, v) = send(&app, &s, "POST", "/v1/checkin", &body).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("stale_request")),
+            "{v}"
+        );
+    }
+
+    /// Old nonces are pruned on a clock (at most once a minute per replica), by request
+    /// time, keeping twice the skew window.
+    #[tokio::test]
+    async fn old_nonces_are_pruned_at_most_once_a_minute() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, _app) = server(dir.path()).await;
+        let (db, guard, d) = (&state.db, &state.nonces, DeviceId::generate());
+        let t = 1_000_000;
+        assert!(db.record_nonce(d, "n1", t).await.expect("record"));
+        // The first call starts a prune (nothing this old yet) and the minute's clock.
+        let p = guard.prune_if_due(db, t).expect("first prune");
+        p.await.expect("prune");
+        assert!(guard.prune_if_due(db, t + NONCE_PRUNE_SECS - 1).is_none());
+        assert!(!db.record_nonce(d, "n1", t).await.expect("record"), "kept");
+        // A prune a minute later keeps the nonce: it is inside twice the window.
+        let p = guard.prune_if_due(db, t + NONCE_PRUNE_SECS).expect("due");
+        p.await.expect("prune");
+        assert!(!db.record_nonce(d, "n1", t).await.expect("record"), "kept");
+        // Past twice the window it goes (a replay would now fail the time check).
+        let p = guard
+            .prune_if_due(db, t + NONCE_KEEP_SECS + 1)
+            .expect("due");
+        p.await.expect("prune");
+        assert!(db.record_nonce(d, "n1", t).await.expect("record"), "pruned");
     }
 
     /// Should-fix: a flood of failures from one source writes a bounded number of audit
@@ -858,22 +1148,5 @@ mod tests {
             l.admit("enroll.refused", "10.0.0.1", t + AUDIT_WINDOW_SECS),
             Some(0)
         );
-    }
-
-    #[test]
-    fn nonces_are_single_use_per_device_and_expire_after_the_window() {
-        let c = NonceCache::default();
-        let (a, b) = (DeviceId::generate(), DeviceId::generate());
-        assert!(c.insert(a, "n1", 1000, 1000));
-        assert!(!c.insert(a, "n1", 1000, 1001), "replay refused");
-        assert!(
-            c.insert(b, "n1", 1000, 1001),
-            "another device's nonce is its own"
-        );
-        // Long after the window the entry is pruned (a replay would then be refused
-        // by the time check instead).
-        let later = 1000 + 2 * auth::MAX_SKEW_SECS + 61;
-        assert!(c.insert(a, "n2", later, later));
-        assert_eq!(c.inner.lock().expect("lock").seen.len(), 1);
     }
 }

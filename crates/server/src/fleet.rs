@@ -4,13 +4,13 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::Json;
-use tandem_db::DeviceRow;
+use tandem_db::{CheckinOutcome, DeviceRow};
 use tandem_proto::fleet::{
     self, CheckinRequest, CheckinResponse, DeviceId, DeviceInfo, DeviceStatus, EnrollRequest,
     EnrollResponse, KillAck, KillAckRequest, KillOrder, Lease, Policy, TargetState,
 };
 
-use crate::auth::{Caller, Device};
+use crate::auth::{Caller, CheckinNonce, Device};
 use crate::error::{parse_json, ApiError, InternalError};
 use crate::{audit, now, AppState};
 
@@ -84,18 +84,23 @@ pub async fn enroll(
 /// (one statement in the database), and when it no longer holds the answer is decided
 /// again from the new status: a lease is signed only after the database recorded it for a
 /// device that was still active.
+///
+/// The request's nonce is recorded in the same transaction ([`CheckinNonce`]): a replay
+/// writes nothing and is refused as `replayed`.
 #[tracing::instrument(skip_all, fields(device = %dev.id))]
 pub async fn checkin(
     State(st): State<AppState>,
     Device(dev): Device,
+    nonce: Option<axum::Extension<CheckinNonce>>,
     body: Bytes,
 ) -> Result<Json<CheckinResponse>, ApiError> {
+    let nonce = nonce.map(|n| n.0);
     let report: CheckinRequest = parse_json(&body, fleet::MAX_CHECKIN_BODY)?;
     let report_json = serde_json::to_string(&report).expect("serializing plain data cannot fail");
     let mut dev = dev;
     // The status only moves forward (active, kill-pending, killed): two retries suffice.
     for _ in 0..3 {
-        if let Some(resp) = try_checkin(&st, &dev, &report, &report_json).await? {
+        if let Some(resp) = try_checkin(&st, &dev, &report, &report_json, nonce.as_ref()).await? {
             return Ok(Json(resp));
         }
         dev = st
@@ -116,6 +121,7 @@ async fn try_checkin(
     dev: &DeviceRow,
     report: &CheckinRequest,
     report_json: &str,
+    nonce: Option<&CheckinNonce>,
 ) -> Result<Option<CheckinResponse>, ApiError> {
     let now = now();
     let (user, policy_json) = st
@@ -183,13 +189,31 @@ async fn try_checkin(
             serde_json::json!({"why": "kill ordered; kill order delivered"}),
         ));
     }
-    if !st
+    let outcome = st
         .db
-        .record_checkin(dev.id, dev.status, now, report_json, not_after, entries)
-        .await?
-    {
-        tracing::info!(device = %dev.id, "status changed during check-in; deciding again");
-        return Ok(None);
+        .record_checkin(
+            dev.id,
+            dev.status,
+            now,
+            report_json,
+            not_after,
+            entries,
+            nonce.map(CheckinNonce::row),
+        )
+        .await?;
+    match (outcome, nonce) {
+        (CheckinOutcome::Recorded, Some(n)) => n.recorded(),
+        (CheckinOutcome::Recorded, None) => {}
+        (CheckinOutcome::StatusChanged, _) => {
+            tracing::info!(device = %dev.id, "status changed during check-in; deciding again");
+            return Ok(None);
+        }
+        (CheckinOutcome::Replayed, n) => {
+            return Err(match n {
+                Some(n) => n.replayed(st).await,
+                None => crate::auth::replay_refusal(),
+            })
+        }
     }
     // Signed only now that the database recorded it for a device still in `dev.status`.
     let lease = lease.map(|l| st.keys.state.sign(fleet::KIND_LEASE, &l));

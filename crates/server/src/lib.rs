@@ -93,8 +93,8 @@ pub struct AppState {
     pub db: Arc<dyn Db>,
     /// Signing keys.
     pub keys: Arc<keys::ServerKeys>,
-    /// Recently seen request nonces.
-    pub nonces: Arc<auth::NonceCache>,
+    /// Replay protection: request nonces recorded in the database, shared by replicas.
+    pub nonces: Arc<auth::ReplayGuard>,
     /// The data directory.
     pub data_dir: PathBuf,
     /// Which image versions each device may read (the image routes' authorization).
@@ -200,10 +200,11 @@ impl Server {
             .unwrap_or_else(|| DatabaseUrl::Sqlite(config.data_dir.join("tandem.db")));
         let db = tandem_db::open(&url).await?;
         tracing::info!(database = %url, backend = db.backend(), "metadata database open");
+        let nonces = Arc::new(auth::ReplayGuard::open(db.as_ref()).await?);
         let state = AppState {
             db,
             keys: Arc::new(keys),
-            nonces: Arc::new(auth::NonceCache::default()),
+            nonces,
             data_dir: config.data_dir,
             access: Arc::new(FleetAccess::default()),
             audit_limiter: Arc::new(auth::AuditLimiter::default()),

@@ -99,12 +99,28 @@ async fn story(db: &dyn Db) {
     assert_eq!(hosts(&desc), ["lap_5", "lap_3", "lap_1", "desk-100%"]);
 
     // Leases and last contact.
-    db.record_checkin(ids[0], DeviceStatus::Active, 1000, "{}", Some(5000), vec![])
-        .await
-        .expect("checkin");
-    db.record_checkin(ids[1], DeviceStatus::Active, 2000, "{}", Some(9000), vec![])
-        .await
-        .expect("checkin");
+    db.record_checkin(
+        ids[0],
+        DeviceStatus::Active,
+        1000,
+        "{}",
+        Some(5000),
+        vec![],
+        None,
+    )
+    .await
+    .expect("checkin");
+    db.record_checkin(
+        ids[1],
+        DeviceStatus::Active,
+        2000,
+        "{}",
+        Some(9000),
+        vec![],
+        None,
+    )
+    .await
+    .expect("checkin");
     let expiring = db
         .device_page(&DeviceQuery {
             lease_from: Some(4000),

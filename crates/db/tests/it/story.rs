@@ -1,6 +1,10 @@
 //! The same story body against both back-ends.
 
-use tandem_db::{AuditFilter, Db, DbError, DeviceRow, NewAudit, TokenRefusal};
+use std::sync::Arc;
+
+use tandem_db::{
+    AuditFilter, CheckinOutcome, Db, DbError, DeviceRow, NewAudit, NewNonce, TokenRefusal,
+};
 use tandem_proto::fleet::{DeviceId, DeviceStatus, ImageRef};
 
 fn device() -> DeviceRow {
@@ -136,28 +140,51 @@ async fn story(db: &dyn Db) {
         reason: None,
         detail: serde_json::json!({}),
     };
-    assert!(db
-        .record_checkin(
+    assert_eq!(
+        db.record_checkin(
             d1.id,
             DeviceStatus::Active,
             130,
             "{}",
             Some(1000),
-            vec![entry(130)]
+            vec![entry(130)],
+            None
         )
         .await
-        .expect("checkin"));
-    assert!(db
-        .record_checkin(
-            d1.id,
-            DeviceStatus::Active,
-            131,
-            "{\"a\":1}",
-            None,
-            vec![entry(131), entry(131)]
-        )
-        .await
-        .expect("checkin"));
+        .expect("checkin"),
+        CheckinOutcome::Recorded
+    );
+    // With the request's nonce in the same transaction: once, then a replay that writes
+    // nothing (no audit row, no new report).
+    let nonce = NewNonce {
+        device: d1.id,
+        nonce: "00112233445566778899aabbccddeeff".into(),
+        at: 131,
+    };
+    for (want, at, audit) in [
+        (CheckinOutcome::Recorded, 131, vec![entry(131), entry(131)]),
+        (CheckinOutcome::Replayed, 132, vec![entry(132)]),
+    ] {
+        let got = db
+            .record_checkin(
+                d1.id,
+                DeviceStatus::Active,
+                at,
+                "{\"a\":1}",
+                None,
+                audit,
+                Some(nonce.clone()),
+            )
+            .await
+            .expect("checkin");
+        assert_eq!(got, want);
+    }
+    assert!(
+        !db.record_nonce(d1.id, &nonce.nonce, 131)
+            .await
+            .expect("nonce"),
+        "the check-in recorded its nonce"
+    );
     let checkins = db
         .audit(AuditFilter {
             device: Some(d1.id),
@@ -184,17 +211,31 @@ async fn story(db: &dyn Db) {
         .expect("order");
     // A check-in that read the device as active before the kill order gets no lease: the
     // conditional write finds the status changed and writes nothing (issue 12).
-    assert!(!db
-        .record_checkin(
+    let stale = NewNonce {
+        device: d1.id,
+        nonce: "ffeeddccbbaa99887766554433221100".into(),
+        at: 141,
+    };
+    assert_eq!(
+        db.record_checkin(
             d1.id,
             DeviceStatus::Active,
             141,
             "{}",
             Some(99_999),
-            vec![entry(141)]
+            vec![entry(141)],
+            Some(stale.clone())
         )
         .await
-        .expect("stale check-in"));
+        .expect("stale check-in"),
+        CheckinOutcome::StatusChanged
+    );
+    assert!(
+        db.record_nonce(d1.id, &stale.nonce, 141)
+            .await
+            .expect("nonce"),
+        "rolled back with the check-in: the caller decides again with the same request"
+    );
     let got = db.device(d1.id).await.expect("read").expect("exists");
     assert_eq!(
         got.lease_not_after,
@@ -202,10 +243,20 @@ async fn story(db: &dyn Db) {
         "no lease past the kill order"
     );
     assert_eq!(got.last_checkin, Some(131));
-    assert!(db
-        .record_checkin(d1.id, DeviceStatus::KillPending, 142, "{}", None, vec![])
+    assert_eq!(
+        db.record_checkin(
+            d1.id,
+            DeviceStatus::KillPending,
+            142,
+            "{}",
+            None,
+            vec![],
+            None
+        )
         .await
-        .expect("kill-pending check-in"));
+        .expect("kill-pending check-in"),
+        CheckinOutcome::Recorded
+    );
     assert!(matches!(
         db.order_kill(d1.id, "admin:admin", "again", 141).await,
         Err(DbError::Conflict { .. })
@@ -337,4 +388,83 @@ async fn audit_rows_cannot_be_changed() {
     assert!(upd.is_err(), "update must be refused");
     let del = sqlx::query("DELETE FROM audit").execute(&mut conn).await;
     assert!(del.is_err(), "delete must be refused");
+}
+
+/// Replay protection shared through the database: `a` and `b` are two handles on one
+/// database (two replicas). A nonce is fresh once per device, whichever handle sees it
+/// first; of many racing inserts of one nonce exactly one wins; pruning drops only rows
+/// signed before the horizon.
+async fn nonces(a: Arc<dyn Db>, b: Arc<dyn Db>) {
+    let (d1, d2) = (DeviceId::generate(), DeviceId::generate());
+    let n = "0123456789abcdef0123456789abcdef";
+    assert!(a.record_nonce(d1, n, 1_000).await.expect("record"));
+    assert!(
+        !b.record_nonce(d1, n, 1_000).await.expect("record"),
+        "the other replica sees the replay"
+    );
+    assert!(
+        !a.record_nonce(d1, n, 1_001).await.expect("record"),
+        "a replay is a replay whatever time it claims"
+    );
+    assert!(
+        b.record_nonce(d2, n, 1_000).await.expect("record"),
+        "another device's nonce is its own"
+    );
+    // Racing inserts of one nonce from both handles: exactly one is fresh.
+    let race = "fedcba9876543210fedcba9876543210";
+    let tries = (0..16).map(|i| {
+        let db = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move { db.record_nonce(d1, race, 1_002).await.expect("record") })
+    });
+    let mut fresh = 0;
+    for t in tries {
+        fresh += usize::from(t.await.expect("join"));
+    }
+    assert_eq!(fresh, 1, "exactly one of the racing inserts wins");
+    // Pruning by request time: rows signed before the horizon go, later ones stay.
+    assert!(a.record_nonce(d1, "late", 2_000).await.expect("record"));
+    assert_eq!(
+        b.prune_nonces(1_001).await.expect("prune"),
+        2,
+        "d1 and d2 at 1000"
+    );
+    assert!(
+        a.record_nonce(d1, n, 1_000).await.expect("record"),
+        "pruned"
+    );
+    assert!(
+        !b.record_nonce(d1, race, 1_002).await.expect("record"),
+        "kept"
+    );
+    assert!(
+        !b.record_nonce(d1, "late", 2_000).await.expect("record"),
+        "kept"
+    );
+    assert_eq!(a.prune_nonces(0).await.expect("prune"), 0);
+    // The migration's time says since when nonces are recorded.
+    let since = a.nonces_recorded_since().await.expect("since");
+    assert!(since > 1_600_000_000, "{since}");
+    assert_eq!(b.nonces_recorded_since().await.expect("since"), since);
+}
+
+#[tokio::test]
+async fn nonces_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = tandem_db::DatabaseUrl::Sqlite(dir.path().join("t.db"));
+    let a = tandem_db::open(&url).await.expect("open");
+    let b = tandem_db::open(&url).await.expect("open again");
+    nonces(a, b).await;
+}
+
+#[tokio::test]
+async fn nonces_on_postgres() {
+    let Some(server) = tandem_db::scratch::test_server() else {
+        return;
+    };
+    let url = tandem_db::scratch::create(&server)
+        .await
+        .expect("scratch database");
+    let a = tandem_db::open(&url).await.expect("open");
+    let b = tandem_db::open(&url).await.expect("open again");
+    nonces(a, b).await;
 }
