@@ -222,9 +222,22 @@ pub fn call(socket: &Path, request: Request) -> Result<Reply, ClientError> {
     })
     .expect("requests serialize");
     line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    // The daemon answers an unauthorized peer before reading its request and closes: the
+    // write may then fail although the refusal is waiting to be read.
+    let written = stream.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(stream).read_line(&mut answer);
+    if let Err(e) = written {
+        if answer.is_empty()
+            || !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        {
+            return Err(io(e));
+        }
+    }
+    read.map_err(io)?;
     if answer.is_empty() {
         return Err(ClientError::Malformed(
             "the daemon closed the connection".into(),
