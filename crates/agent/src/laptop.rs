@@ -499,6 +499,11 @@ impl Laptop {
                     .is_some_and(|e| e.generation == generation)
                 {
                     exports.remove(desktop.name());
+                    // Its socket directory goes with the export (and the daemon's
+                    // runtime directory once no desktop has one).
+                    let runtime = me.config.runtime_dir(me.layout.root());
+                    let _ = std::fs::remove_dir_all(runtime.join(desktop.name()));
+                    let _ = std::fs::remove_dir(&runtime);
                 }
             }
             if desktop == Desktop::Corporate {
