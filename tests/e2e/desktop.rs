@@ -240,6 +240,14 @@ fn demo_runs_the_whole_story() {
     assert!(!ran.stdout.contains("not collected"), "{}", ran.stdout);
 }
 
+/// Types `line` into a desktop's console in `agent`.
+fn console_send(agent: &Path, vm: &str, line: &str) {
+    run(t(agent)
+        .args(["vm", "console", vm, "--send", line, "--state-dir"])
+        .arg(agent.join("vms")))
+    .ok();
+}
+
 /// Waits for `text` on a desktop's console in `agent`; returns the console log.
 fn console_wait(agent: &Path, vm: &str, text: &str) -> String {
     run(t(agent)
@@ -327,17 +335,11 @@ fn corporate_desktop_key_gate_backup_and_reprovisioning() {
     .json();
     assert_eq!(info["encrypted"], true, "{info}");
     assert_eq!(corporate_secrets(&a), Vec::<String>::new());
-    run(t(&a)
-        .args([
-            "vm",
-            "console",
-            "corporate",
-            "--send",
-            "echo carol-was-here > /home/user/notes.txt; sync; echo saved-notes",
-            "--state-dir",
-        ])
-        .arg(a.join("vms")))
-    .ok();
+    console_send(
+        &a,
+        "corporate",
+        "echo carol-was-here > /home/user/notes.txt; sync; echo saved-notes",
+    );
     console_wait(&a, "corporate", "saved-notes");
     let b1 = run(t(&a).args(["agent", "backup", "--json", "--dir"]).arg(&a))
         .ok()
@@ -824,17 +826,7 @@ fn both_desktops_survive_a_daemon_sigkill_and_are_managed_again_after_restart() 
         .find(|v| v["name"] == "corporate")
         .and_then(|v| v["qemu_pid"].as_u64());
     assert_eq!(corp["qemu_pid"].as_u64(), corp_pid, "{corp}");
-    run(t(&a)
-        .args([
-            "vm",
-            "console",
-            "corporate",
-            "--send",
-            "echo corporate-still-alive",
-            "--state-dir",
-        ])
-        .arg(a.join("vms")))
-    .ok();
+    console_send(&a, "corporate", "echo corporate-still-alive");
     console_wait(&a, "corporate", "corporate-still-alive");
     f.agent(&a, &["check-in"]).ok();
     let shown = f.admin(&["device", "show", &dev, "--json"]).ok().json();

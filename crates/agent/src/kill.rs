@@ -125,8 +125,20 @@ pub fn erase_after_run(dir: &AgentDir) -> Result<u64, KillError> {
     }
     // Ciphertext under a key only the ended QEMU held: deleting is enough.
     let system = layout.corporate_system();
-    for p in [system.clone(), system.with_extension("qcow2.tmp")] {
-        n += u64::from(remove_file(&p)?);
+    n += remove_with_temps(&system)?;
+    Ok(n)
+}
+
+/// Removes `target` and the temp files writers leave beside it
+/// ([`tandem_tools::atomic::temp_files`]). Returns how many went.
+fn remove_with_temps(target: &Path) -> Result<u64, FileError> {
+    let io = |source| FileError::Io {
+        path: target.to_path_buf(),
+        source,
+    };
+    let mut n = u64::from(remove_file(target)?);
+    for (tmp, _) in tandem_tools::atomic::temp_files(target).map_err(io)? {
+        n += u64::from(remove_file(&tmp)?);
     }
     Ok(n)
 }
@@ -146,9 +158,7 @@ fn erase_residue(dir: &AgentDir) -> Result<u64, KillError> {
         }
     }
     let run = tandem_desktop::Layout::new(dir.root()).run_dir();
-    for f in ["user-backup.qcow2", "user-backup.tmp"] {
-        n += u64::from(remove_file(&run.join(f))?);
-    }
+    n += remove_with_temps(&run.join("user-backup.qcow2"))?;
     let incoming = dir.store().join("incoming");
     if let Ok(entries) = std::fs::read_dir(&incoming) {
         n += entries.count() as u64;

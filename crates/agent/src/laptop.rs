@@ -261,6 +261,8 @@ pub struct Laptop {
     personal_busy: Mutex<()>,
     backup_busy: Mutex<()>,
     last_backup: Mutex<Option<u64>>,
+    /// Where the export sockets live ([`LaptopConfig::runtime_dir`]), fixed at start.
+    runtime: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -271,6 +273,7 @@ impl Laptop {
     /// The laptop under `dir`; NBD tasks run on `rt`.
     pub fn new(dir: AgentDir, config: LaptopConfig, rt: tokio::runtime::Handle) -> Self {
         Laptop {
+            runtime: config.runtime_dir(dir.root()),
             layout: Layout::new(dir.root()),
             dir,
             config,
@@ -340,7 +343,7 @@ impl Laptop {
     /// root) can enter it and nobody else can.
     fn socket_dir(&self, desktop: Desktop) -> Result<PathBuf, LaptopError> {
         use std::os::unix::fs::PermissionsExt as _;
-        let runtime = self.config.runtime_dir(self.layout.root());
+        let runtime = &self.runtime;
         let dir = runtime.join(desktop.name());
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -501,9 +504,8 @@ impl Laptop {
                     exports.remove(desktop.name());
                     // Its socket directory goes with the export (and the daemon's
                     // runtime directory once no desktop has one).
-                    let runtime = me.config.runtime_dir(me.layout.root());
-                    let _ = std::fs::remove_dir_all(runtime.join(desktop.name()));
-                    let _ = std::fs::remove_dir(&runtime);
+                    let _ = std::fs::remove_dir_all(me.runtime.join(desktop.name()));
+                    let _ = std::fs::remove_dir(&me.runtime);
                 }
             }
             if desktop == Desktop::Corporate {

@@ -50,13 +50,7 @@ fn alone(image: &Path) -> String {
 /// (`rebase -u`): the caller has checked that the base's content is the one the overlay
 /// was made on.
 pub fn retarget_overlay(overlay: &Path, backing: &str) -> Result<(), DesktopError> {
-    let info = qemu_img(
-        "info (overlay)",
-        &["info", "--output=json", "-U", &overlay.to_string_lossy()],
-    )?;
-    let current = serde_json::from_str::<serde_json::Value>(&info)
-        .ok()
-        .and_then(|v| v["backing-filename"].as_str().map(str::to_string));
+    let current = backing_of(overlay)?;
     if current.as_deref() == Some(backing) {
         return Ok(());
     }
@@ -147,40 +141,31 @@ pub fn create_encrypted_overlay(
     out: &Path,
     secret_file: &Path,
 ) -> Result<(), DesktopError> {
-    let tmp = out.with_extension("qcow2.tmp");
-    let _ = std::fs::remove_file(&tmp);
     let size = size.to_string();
     let secret = format!("secret,id=sec0,file={}", secret_file.display());
-    let result = qemu_img(
-        "create (encrypted overlay)",
-        &[
-            "create",
-            "-q",
-            "-u",
-            "--object",
-            &secret,
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            "-F",
-            "raw",
-            "-b",
-            backing,
-            &tmp.to_string_lossy(),
-            &size,
-        ],
-    );
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(match e {
-            DesktopError::DiskFull { .. } => DesktopError::DiskFull {
-                path: out.to_path_buf(),
-            },
-            other => other,
-        });
-    }
-    std::fs::rename(&tmp, out).map_err(|e| DesktopError::io(out, e))
+    write_beside(out, |tmp| {
+        qemu_img(
+            "create (encrypted overlay)",
+            &[
+                "create",
+                "-q",
+                "-u",
+                "--object",
+                &secret,
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                "-F",
+                "raw",
+                "-b",
+                backing,
+                &tmp.to_string_lossy(),
+                &size,
+            ],
+        )
+        .map(drop)
+    })
 }
 
 /// Creates the encrypted user disk: an ext4 filesystem inside a LUKS qcow2 whose
